@@ -1,0 +1,170 @@
+"""DeepSeek V4 attention: one 512-wide KV head (K == V) shared by all query heads.
+
+Each query attends, in one softmax with a per-head sink, to the last `sliding_window` raw KV rows
+(itself included) and, on compressed layers, to compressed rows: all visible ones on HCA layers
+(ratio 128), the indexer's top-k of the visible ones on CSA layers (ratio 4). Compressed row w is
+visible to the query at position t once its window is complete: w < (t + 1) // ratio.
+
+This module is the pure-MLX reference: queries are processed in blocks sized to bound memory.
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from .linear import Linear, StackedLinear
+
+from ..cache import WindowCache
+from ..config import ModelArgs
+from .compressor import Compressor
+from .indexer import Indexer
+from .numerics import fp8_round_trip, rms_norm
+from .rope import RoPE
+
+SCORE_BUDGET = 1 << 25  # fp32 score elements per query block
+
+
+def head_rms_norm(q: mx.array, eps: float) -> mx.array:
+    """Weightless RMS normalisation per head, rounded at every step in q's dtype (official)."""
+    mean_square = mx.mean((q * q).astype(mx.float32), axis=-1, keepdims=True).astype(q.dtype)
+    return q * mx.rsqrt(mean_square + eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.args = args
+        self.n_heads, self.head_dim = args.num_attention_heads, args.head_dim
+        self.window = args.sliding_window
+        self.ratio = args.compress_ratio(layer_id)
+        self.eps = args.rms_norm_eps
+        self.rope_dims = args.qk_rope_head_dim
+        self.groups, self.o_rank = args.o_groups, args.o_lora_rank
+        self.scale = self.head_dim**-0.5
+
+        self.wq_a = Linear(args.hidden_size, args.q_lora_rank)
+        self.q_norm = nn.RMSNorm(args.q_lora_rank, eps=self.eps)
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim)
+        self.wkv = Linear(args.hidden_size, self.head_dim)
+        self.kv_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
+        group_in = self.n_heads * self.head_dim // self.groups
+        self.wo_a = StackedLinear(group_in, self.o_rank, self.groups)
+        self.wo_b = Linear(self.groups * self.o_rank, args.hidden_size)
+        self.attn_sink = mx.zeros((self.n_heads,), dtype=mx.float32)
+        self.rope = RoPE(args, compressed=self.ratio > 0)
+        if self.ratio:
+            self.compressor = Compressor(args, self.ratio, self.head_dim)
+        if self.ratio == 4:
+            self.indexer = Indexer(args, self.ratio)
+
+    def _fp8_input(self, x: mx.array) -> mx.array:
+        return fp8_round_trip(x, 128) if self.args.fp8_activations else x
+
+    def _kv_rows(self, x: mx.array, positions: mx.array) -> mx.array:
+        kv = rms_norm(self.wkv(x), self.kv_norm.weight, self.eps)
+        kv = self.rope(kv, positions)
+        if not self.args.kv_fp8:
+            return kv
+        nope = fp8_round_trip(kv[..., : -self.rope_dims], 64)
+        return mx.concatenate([nope, kv[..., -self.rope_dims :]], axis=-1)
+
+    def __call__(self, x: mx.array, cache: WindowCache) -> mx.array:
+        batch, length, _ = x.shape
+        start = cache.offset
+        positions = start + mx.arange(length)
+        x_in = self._fp8_input(x)
+
+        qr = self._fp8_input(rms_norm(self.wq_a(x_in), self.q_norm.weight, self.eps))
+        q = self.wq_b(qr).reshape(batch, length, self.n_heads, self.head_dim)
+        q = self.rope(head_rms_norm(q, self.eps), positions)
+        window_keys = cache.window_keys(self._kv_rows(x_in, positions))
+
+        compressed = index = None
+        if self.ratio:
+            compressed = self._compress(self.compressor, x, start, cache.compressor, cache.entries)
+        if self.ratio == 4:
+            index_keys = self._compress(self.indexer.compressor, x, start, cache.index_compressor, cache.index_keys)
+            index = (self.indexer.queries(qr, positions), self.indexer.head_weights(x), index_keys)
+        cache.advance(length)
+
+        out = self._attend(q, start, window_keys, compressed, index)
+        out = self.rope(out, positions, inverse=True)
+        out = out.reshape(batch, length, self.groups, 1, -1)
+        out = self.wo_a(out, mx.arange(self.groups)).reshape(batch, length, -1)
+        return self.wo_b(self._fp8_input(out))
+
+    @staticmethod
+    def _compress(compressor, x, start, state, buffer) -> Optional[mx.array]:
+        rows = compressor(x, start, state)
+        if rows is not None:
+            buffer.append(rows)
+        return buffer.rows()
+
+    def _attend(self, q, start, window_keys, compressed, index) -> mx.array:
+        """q [B, L, H, D] -> attention output [B, L, H, D], query block by query block."""
+        length = q.shape[1]
+        n_compressed = 0 if compressed is None else compressed.shape[1]
+        sparse = index is not None and n_compressed > self.indexer.topk
+        columns = self.window + (self.indexer.topk if sparse else n_compressed)
+        per_query = max(self.n_heads * columns, self.indexer.n_heads * n_compressed if sparse else 0)
+        # a block of Q queries scores window + Q - 1 window keys: Q = window halves the waste
+        block = max(1, min(length, self.window, SCORE_BUDGET // per_query))
+        outputs = []
+        for a in range(0, length, block):
+            b = min(length, a + block)
+            outputs.append(self._attend_block(q[:, a:b], start + a, window_keys[:, a + 1 : self.window + b],
+                                              compressed, index, a, sparse))
+        return mx.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+
+    def _attend_block(self, q, first, keys, compressed, index, a, sparse):
+        """Queries at positions first.. (q [B, Q, H, D]) over their window keys [B, window+Q-1, D]
+        (key j at position first - window + 1 + j) and the compressed rows."""
+        n_queries = q.shape[1]
+        query_pos = first + mx.arange(n_queries)[:, None]
+        key_pos = first - self.window + 1 + mx.arange(keys.shape[1])[None]
+        window_mask = (key_pos >= 0) & (key_pos <= query_pos) & (key_pos > query_pos - self.window)
+        q32 = mx.swapaxes(q, 1, 2).astype(mx.float32)  # [B, H, Q, D]
+        groups = [self._shared_keys(q32, keys, window_mask)]
+        if compressed is not None and sparse:
+            iq, iw, index_keys = index
+            picks, valid = self._select(iq[:, a : a + n_queries], iw[:, a : a + n_queries], index_keys, query_pos)
+            rows = compressed[mx.arange(compressed.shape[0])[:, None, None], picks]  # [B, Q, k, D]
+            groups.append(self._per_query_keys(q32, rows, valid))
+        elif compressed is not None:
+            visible = mx.arange(compressed.shape[1])[None] < (query_pos + 1) // self.ratio
+            groups.append(self._shared_keys(q32, compressed, visible))
+        return self._softmax_values(groups, q.dtype)
+
+    def _shared_keys(self, q32, keys, mask):
+        """Keys [B, S, D] seen by all queries of the block under mask [Q, S]."""
+        keys32 = keys.astype(mx.float32)[:, None]  # [B, 1, S, D]
+        scores = mx.where(mask, (q32 @ mx.swapaxes(keys32, -1, -2)) * self.scale, -mx.inf)
+        return scores, lambda p: p @ keys32
+
+    def _per_query_keys(self, q32, rows, valid):
+        """Each query's own keys rows [B, Q, k, D] under valid [B, Q, k]."""
+        rows32 = rows.astype(mx.float32)
+        scores = mx.swapaxes(mx.swapaxes(q32, 1, 2) @ mx.swapaxes(rows32, -1, -2), 1, 2) * self.scale
+        scores = mx.where(valid[:, None], scores, -mx.inf)
+        return scores, lambda p: mx.swapaxes(mx.swapaxes(p, 1, 2) @ rows32, 1, 2)
+
+    def _select(self, iq, iw, index_keys, query_pos):
+        """Top-k visible compressed rows per query: (row indices [B, Q, k], valid [B, Q, k])."""
+        visible = mx.arange(index_keys.shape[1])[None] < (query_pos + 1) // self.ratio
+        scores = mx.where(visible, Indexer.scores(iq, iw, index_keys), -mx.inf)
+        k = self.indexer.topk
+        picks = mx.argpartition(-scores.astype(mx.float32), k - 1, axis=-1)[..., :k]
+        valid = mx.take_along_axis(scores, picks, axis=-1) > -mx.inf
+        return picks, valid
+
+    def _softmax_values(self, groups, dtype) -> mx.array:
+        """One softmax over all key groups [(scores [B, H, Q, S], P -> P @ V)] plus the sink,
+        which enters the denominator only. P is rounded to the activation dtype before P @ V,
+        as in the official kernel. Returns [B, Q, H, D] in `dtype`."""
+        peak = mx.concatenate([mx.max(s, axis=-1, keepdims=True) for s, _ in groups], axis=-1)
+        peak = mx.max(peak, axis=-1, keepdims=True)
+        probs = [mx.exp(s - peak) for s, _ in groups]
+        denominator = sum(mx.sum(p, axis=-1, keepdims=True) for p in probs)
+        denominator = denominator + mx.exp(self.attn_sink[:, None, None] - peak)
+        out = sum(apply(p.astype(dtype).astype(mx.float32)) for p, (_, apply) in zip(probs, groups))
+        return mx.swapaxes(out / denominator, 1, 2).astype(dtype)

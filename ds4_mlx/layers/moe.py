@@ -1,0 +1,110 @@
+"""DeepSeek V4 MoE: `num_experts_per_tok` routed experts out of `n_routed_experts` plus one
+shared expert, all clamped SwiGLU.
+
+Routing: scores = sqrt(softplus(x @ gate^T)) in fp32. The first `num_hash_layers` layers pick
+experts by token id (`tid2eid`); the others pick the top-k of scores + bias. The route weights
+are the unbiased scores of the picked experts, normalised to sum 1, times the scaling factor,
+and multiply the activation before the down projection.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from .linear import Linear, StackedLinear
+
+from ..config import ModelArgs
+from .numerics import fp8_round_trip
+
+
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """silu(min(gate, limit)) * clip(up, -limit, limit), in fp32."""
+    gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+    if limit > 0:
+        gate = mx.minimum(gate, limit)
+        up = mx.clip(up, -limit, limit)
+    return nn.silu(gate) * up
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.route_scale = args.routed_scaling_factor
+        self.hash = layer_id < args.num_hash_layers
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        if self.hash:
+            self.tid2eid = mx.zeros((args.vocab_size, self.top_k), dtype=mx.int32)
+        else:
+            self.bias = mx.zeros((args.n_routed_experts,), dtype=mx.float32)
+
+    def __call__(self, x: mx.array, token_ids: mx.array):
+        """x [N, dim], token_ids [N] -> (weights [N, k] fp32, expert indices [N, k])."""
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        scores = mx.sqrt(mx.logaddexp(logits, 0.0))
+        if self.hash:
+            indices = self.tid2eid[token_ids]
+        else:
+            biased = scores + self.bias
+            indices = mx.argpartition(-biased, self.top_k - 1, axis=-1)[:, : self.top_k]
+        weights = mx.take_along_axis(scores, indices, axis=-1)
+        weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+        return weights * self.route_scale, indices
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = Linear(args.hidden_size, args.moe_intermediate_size)
+        self.w2 = Linear(args.moe_intermediate_size, args.hidden_size)
+        self.w3 = Linear(args.hidden_size, args.moe_intermediate_size)
+        self.limit = args.swiglu_limit
+        self.fp8_activations = args.fp8_activations
+
+    def __call__(self, x: mx.array) -> mx.array:
+        hidden = clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype)
+        return self.w2(fp8_round_trip(hidden, 128) if self.fp8_activations else hidden)
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts stacked: w1/w3 [E, inter, dim], w2 [E, dim, inter]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, inter, n = args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
+        self.w1 = StackedLinear(dim, inter, n)
+        self.w2 = StackedLinear(inter, dim, n)
+        self.w3 = StackedLinear(dim, inter, n)
+        self.limit = args.swiglu_limit
+        self.fp8_activations = args.fp8_activations
+
+    def __call__(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
+        """x [N, dim], weights/indices [N, k] -> sum over k of weight * expert(x), fp32 [N, dim]."""
+        n_tokens, k = indices.shape
+        flat = indices.reshape(-1)
+        order = mx.argsort(flat)
+        sorted_experts = flat[order]
+        rows = x[order // k][:, None]  # [N*k, 1, dim], grouped by expert
+        hidden = clamped_swiglu(self.w1(rows, sorted_experts, sorted_indices=True),
+                                self.w3(rows, sorted_experts, sorted_indices=True), self.limit)
+        hidden = (hidden * weights.reshape(-1)[order][:, None, None]).astype(x.dtype)
+        if self.fp8_activations:
+            hidden = fp8_round_trip(hidden, 128)
+        out = self.w2(hidden, sorted_experts, sorted_indices=True)  # [N*k, 1, dim]
+        out = out[mx.argsort(order)].reshape(n_tokens, k, -1)
+        return mx.sum(out.astype(mx.float32), axis=1)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.gate = Gate(args, layer_id)
+        self.experts = RoutedExperts(args)
+        self.shared_experts = SharedExpert(args)
+        self.fp8_activations = args.fp8_activations
+
+    def __call__(self, x: mx.array, token_ids: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(x, token_ids.reshape(-1))
+        x_in = fp8_round_trip(x, 128) if self.fp8_activations else x
+        out = self.experts(x_in, weights, indices) + self.shared_experts(x_in)
+        return out.astype(x.dtype).reshape(shape)

@@ -1,0 +1,82 @@
+"""The low-precision simulations of DeepSeek's official inference code, and its normalisations.
+
+The official model stores the non-RoPE KV dims as FP8, feeds FP8 activations to its FP8/FP4
+linears and compares indexer queries and keys after a Hadamard rotation and an FP4 round trip.
+These functions reproduce those roundings exactly (power-of-two scales, round to nearest even).
+"""
+
+import math
+from functools import lru_cache
+
+import mlx.core as mx
+
+FP8_MAX = 448.0  # largest e4m3 value
+FP4_MAX = 6.0  # largest e2m1 value
+
+
+def _pow2_exponent(x: mx.array) -> mx.array:
+    """floor(log2(|x|)) of normal float32 values, read from the exponent bits."""
+    bits = mx.abs(x).astype(mx.float32).view(mx.uint32)
+    return (bits >> 23).astype(mx.int32) - 127
+
+
+def _pow2(exponent: mx.array) -> mx.array:
+    """2**exponent as float32, built from the exponent bits (exponent in [-126, 127])."""
+    return ((exponent + 127) << 23).astype(mx.uint32).view(mx.float32)
+
+
+def _ceil_log2(x: mx.array) -> mx.array:
+    """ceil(log2(x)) for positive normal float32 x, as the official kernels compute it."""
+    bits = x.view(mx.uint32)
+    exponent = (bits >> 23).astype(mx.int32) - 127
+    return exponent + ((bits & 0x7FFFFF) != 0).astype(mx.int32)
+
+
+def _round_to_grid(y: mx.array, mantissa_bits: int, min_exponent: int) -> mx.array:
+    """Round float32 y to the nearest value with `mantissa_bits` explicit mantissa bits
+    and no exponent below `min_exponent` (subnormals), ties to even."""
+    exponent = mx.maximum(_pow2_exponent(y), min_exponent)
+    quantum = _pow2(exponent - mantissa_bits)
+    return mx.round(y / quantum) * quantum
+
+
+def _block_round_trip(x, block, fmt_max, amax_floor, mantissa_bits, min_exponent):
+    shape, dtype = x.shape, x.dtype
+    blocks = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // block, block)
+    amax = mx.maximum(mx.max(mx.abs(blocks), axis=-1, keepdims=True), amax_floor)
+    scale = _pow2(_ceil_log2(amax * mx.array(1.0 / fmt_max, mx.float32)))
+    y = mx.clip(blocks / scale, -fmt_max, fmt_max)
+    y = _round_to_grid(y, mantissa_bits, min_exponent)
+    return (y * scale).reshape(shape).astype(dtype)
+
+
+def fp8_round_trip(x: mx.array, block: int) -> mx.array:
+    """Quantize to FP8 e4m3 with one power-of-two scale per `block` values and back."""
+    return _block_round_trip(x, block, FP8_MAX, 1e-4, 3, -6)
+
+
+def fp4_round_trip(x: mx.array, block: int = 32) -> mx.array:
+    """Quantize to FP4 e2m1 with one power-of-two scale per `block` values and back."""
+    return _block_round_trip(x, block, FP4_MAX, FP4_MAX * 2.0**-126, 1, 0)
+
+
+@lru_cache(maxsize=4)
+def hadamard_matrix(n: int) -> mx.array:
+    """Sylvester-ordered Walsh-Hadamard matrix scaled by n**-0.5 (orthonormal, symmetric)."""
+    if n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = mx.ones((1, 1), dtype=mx.float32)
+    while h.shape[0] < n:
+        h = mx.concatenate([mx.concatenate([h, h], 1), mx.concatenate([h, -h], 1)], 0)
+    return h * (1.0 / math.sqrt(n))
+
+
+def hadamard_rotate(x: mx.array) -> mx.array:
+    """Rotate the last axis by the orthonormal Hadamard matrix (fp32 math, input dtype out)."""
+    return (x.astype(mx.float32) @ hadamard_matrix(x.shape[-1])).astype(x.dtype)
+
+
+def rms_norm(x: mx.array, weight, eps: float) -> mx.array:
+    """RMSNorm computed in fp32 (weight multiplied in fp32), cast back once."""
+    w = None if weight is None else weight.astype(mx.float32)
+    return mx.fast.rms_norm(x.astype(mx.float32), w, eps).astype(x.dtype)

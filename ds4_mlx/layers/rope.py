@@ -1,0 +1,62 @@
+"""Rotary embedding on the trailing dims of a head, interleaved pairs, with DeepSeek's YaRN.
+
+Window-only layers use `rope_theta` without YaRN; compressed layers (and their compressors and
+indexer) use `compress_rope_theta` with YaRN. Angles are computed in fp32 from absolute
+positions, as the official `precompute_freqs_cis` does.
+"""
+
+import math
+
+import mlx.core as mx
+
+from ..config import ModelArgs
+
+
+def yarn_inv_freq(dims: int, base: float, scaling: dict | None) -> mx.array:
+    """Inverse frequencies [dims/2], YaRN-blended when `scaling` is given."""
+    inv_freq = 1.0 / (base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+    if not scaling:
+        return inv_freq
+    factor = scaling["factor"]
+    original = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations):
+        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(scaling["beta_fast"])), 0)
+    high = min(math.ceil(correction_dim(scaling["beta_slow"])), dims - 1)
+    if low == high:
+        high += 0.001
+    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+    smooth = 1 - ramp
+    return inv_freq / factor * (1 - smooth) + inv_freq * smooth
+
+
+class RoPE:
+    """Rotates the last `dims` dims of x by the angle position * inv_freq."""
+
+    def __init__(self, args: ModelArgs, compressed: bool):
+        self.dims = args.qk_rope_head_dim
+        if compressed:
+            scaling = args.rope_scaling if (args.rope_scaling or {}).get("type") == "yarn" else None
+            self.inv_freq = yarn_inv_freq(self.dims, args.compress_rope_theta, scaling)
+        else:
+            self.inv_freq = yarn_inv_freq(self.dims, args.rope_theta, None)
+
+    def __call__(self, x: mx.array, positions: mx.array, inverse: bool = False) -> mx.array:
+        """x: [..., L, (heads,) D]; positions: [L] absolute positions of the L axis.
+
+        `heads` is present when x has 4 dims ([B, L, H, D]); the rotation is the same for all.
+        """
+        angles = positions.astype(mx.float32)[:, None] * self.inv_freq  # [L, dims/2]
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        if inverse:
+            sin = -sin
+        if x.ndim == 4:
+            cos, sin = cos[:, None], sin[:, None]
+        nope, rot = x[..., : -self.dims], x[..., -self.dims :]
+        pairs = rot.astype(mx.float32).reshape(*rot.shape[:-1], self.dims // 2, 2)
+        real, imag = pairs[..., 0], pairs[..., 1]
+        rotated = mx.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+        rotated = rotated.reshape(rot.shape).astype(x.dtype)
+        return mx.concatenate([nope, rotated], axis=-1)

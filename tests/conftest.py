@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from official_checkpoint import write_official_checkpoint
+from testdata import OFFICIAL_B
+
+from ds4_mlx import load_model
+from ds4_mlx.convert import convert
+
+
+# A tiny config that reaches every code path within a few hundred tokens: window-only, CSA and
+# HCA layers, a hash-routed CSA layer, a window of 16 (wrap-around), ratio-128 entries after
+# 128 tokens, and an index_topk below the number of CSA entries (the indexer decides).
+SMALL = {
+    "num_hidden_layers": 4,
+    "num_hash_layers": 2,
+    "compress_ratios": [0, 4, 128, 4, 0],
+    "sliding_window": 16,
+    "index_topk": 8,
+    "index_n_heads": 16,
+    "vocab_size": 512,
+}
+
+
+@pytest.fixture(scope="session")
+def official_b_native(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("official-b") / "native"
+    convert(OFFICIAL_B / "checkpoint", out, recipe="native")
+    return out
+
+
+@pytest.fixture(scope="session")
+def official_vectors():
+    return np.load(OFFICIAL_B / "vectors.npz")
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """A random official-layout checkpoint of the SMALL config (FP8/FP4 dtypes)."""
+    return write_official_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", SMALL, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_native(tmp_path_factory, small_checkpoint) -> Path:
+    out = tmp_path_factory.mktemp("small") / "native"
+    convert(small_checkpoint, out, recipe="native")
+    return out
+
+
+def load_fp32(path, **model_config):
+    """A converted model with float32 activations (quantized weights dequantize exactly)."""
+    model = load_model(path, model_config=model_config or None)
+    model.set_dtype(mx.float32)
+    return model
+
+
+def random_ids(length, vocab, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(2, vocab, size=(1, length)), dtype=mx.int32)
+
+
+def run_chunks(model, ids, chunks):
+    """Logits [L, V] from feeding `ids` [1, L] in chunks of the given sizes (the rest one by one)."""
+    cache, outputs, start = model.make_cache(), [], 0
+    for size in chunks:
+        outputs.append(model(ids[:, start : start + size], cache))
+        start += size
+    for p in range(start, ids.shape[1]):
+        outputs.append(model(ids[:, p : p + 1], cache))
+    return np.array(mx.concatenate(outputs, axis=1))[0]
+
+
+def logit_stats(ours, reference):
+    """Per-position max|dlogit|: (median, p90, max), and argmax agreement."""
+    delta = np.abs(ours - reference).max(-1)
+    agree = float((ours.argmax(-1) == reference.argmax(-1)).mean())
+    return float(np.median(delta)), float(np.percentile(delta, 90)), float(delta.max()), agree
