@@ -97,3 +97,25 @@ def _leaves(tree):
     if isinstance(tree, mx.array):
         return [tree]
     return [leaf for item in tree for leaf in _leaves(item)]
+
+
+def _pending_ops(arrays, tmp_path) -> int:
+    """How many unevaluated operations the arrays still hang on."""
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), *arrays)
+    return path.read_text().count("shape=rectangle")
+
+
+def test_decode_leaves_no_lazy_graph_in_the_caches(model, tmp_path, monkeypatch):
+    ids = random_ids(40, model.args.vocab_size, seed=4)
+    caches = model.make_cache()
+    mx.eval(model(ids[:, :10], caches))
+    for p in range(10, 20):
+        mx.eval(model(ids[:, p : p + 1], caches))  # the logits only, as a generate loop does
+        mx.synchronize()
+        assert _pending_ops([a for c in caches for a in c.arrays()], tmp_path) == 0
+    # control: without the per-step evaluation the compressor states keep growing graphs
+    monkeypatch.setattr("ds4_mlx.model.evaluate_caches", lambda caches: None)
+    for p in range(20, 24):
+        mx.eval(model(ids[:, p : p + 1], caches))
+    assert _pending_ops([a for c in caches for a in c.arrays()], tmp_path) > 0

@@ -91,3 +91,14 @@ def test_mtp_block_chunking(model, ids):
     for a, b in ((0, 40), (40, 41), (41, 200), (200, LENGTH - 1)):
         parts.append(np.array(model.mtp_logits(streams[:, a:b], next_ids[:, a:b], cache))[0])
     _assert_same(model, np.concatenate(parts), one_shot)
+
+
+def test_a_batch_gives_each_row_its_own_logits(small_native):
+    model = load_model(small_native)
+    rows = [random_ids(200, 512, seed=s) for s in (1, 2)]
+    batch = mx.concatenate(rows, axis=0)
+    caches = model.make_cache()
+    logits = [model(batch[:, :150], caches)] + [model(batch[:, p : p + 1], caches) for p in range(150, 200)]
+    run_batch = np.array(mx.concatenate(logits, axis=1))
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(run_batch[i], run_chunks(model, row, [200]), atol=1e-3, rtol=0)
