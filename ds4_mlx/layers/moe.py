@@ -82,7 +82,9 @@ class RoutedExperts(nn.Module):
         flat = indices.reshape(-1)
         order = mx.argsort(flat)
         sorted_experts = flat[order]
-        rows = x[order // k][:, None]  # [N*k, 1, dim], grouped by expert
+        # [N*k, 1, dim], grouped by expert. A reshape, not x[...][:, None]: MLX 0.32.4's CUDA
+        # gather_mm misreads an lhs made by expanding a gathered array.
+        rows = x[order // k].reshape(n_tokens * k, 1, -1)
         hidden = clamped_swiglu(self.w1(rows, sorted_experts, sorted_indices=True),
                                 self.w3(rows, sorted_experts, sorted_indices=True), self.limit)
         hidden = (hidden * weights.reshape(-1)[order][:, None, None]).astype(x.dtype)
