@@ -160,12 +160,6 @@ class WindowCache(_BaseCache):
     def size(self) -> int:
         return self.offset
 
-    @classmethod
-    def from_state(cls, state, *args):
-        cache = cls(*args)
-        cache.state = state
-        return cache
-
 
 class HCACache(WindowCache):
     """Window + all compressed rows (ratio 128) + the compressor's rolling state."""
@@ -218,7 +212,7 @@ def cache_nbytes(args: ModelArgs, context: int, batch: int = 1, dtype=mx.bfloat1
 
 
 def snapshot(caches: List[WindowCache]) -> list:
-    """An exact copy of a session's caches (arrays are immutable: a snapshot shares them)."""
+    """An exact copy of a session's caches; later writes to the live caches do not change it."""
     return [c.state for c in caches]
 
 

@@ -25,7 +25,6 @@ class ModelArgs(BaseModelArgs):
     num_hash_layers: int = 3
     scoring_func: str = "sqrtsoftplus"
     routed_scaling_factor: float = 1.5
-    norm_topk_prob: bool = True
     swiglu_limit: float = 10.0
     sliding_window: int = 128
     # One entry per layer, then one per MTP layer (0 = window only, 4 = CSA, 128 = HCA).
@@ -64,10 +63,6 @@ class ModelArgs(BaseModelArgs):
         bad = sorted({r for r in self.compress_ratios if r not in (0, 4, 128)})
         if bad:
             raise ValueError(f"unsupported compress ratios {bad}: DeepSeek V4 uses 0, 4 and 128")
-
-    @property
-    def nope_head_dim(self) -> int:
-        return self.head_dim - self.qk_rope_head_dim
 
     def compress_ratio(self, layer_id: int) -> int:
         return self.compress_ratios[layer_id]

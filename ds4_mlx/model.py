@@ -17,27 +17,26 @@ from .layers.attention import Attention
 from .layers.hyper_connections import HyperConnection, HyperHead
 from .layers.linear import Linear
 from .layers.moe import MoE
-from .layers.numerics import fp8_round_trip, rms_norm
+from .layers.numerics import RMSNorm, fp8_input
 
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.eps = args.rms_norm_eps
         self.hc_attn = HyperConnection(args)
         self.hc_ffn = HyperConnection(args)
-        self.attn_norm = nn.RMSNorm(args.hidden_size, eps=self.eps)
-        self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=self.eps)
+        self.attn_norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.attn = Attention(args, layer_id)
         self.ffn = MoE(args, layer_id)
 
     def __call__(self, streams: mx.array, cache: WindowCache, token_ids: mx.array) -> mx.array:
         """streams [B, L, hc, dim] -> streams [B, L, hc, dim]."""
         x, post, comb = self.hc_attn.collapse(streams)
-        out = self.attn(rms_norm(x, self.attn_norm.weight, self.eps), cache)
+        out = self.attn(self.attn_norm(x), cache)
         streams = HyperConnection.expand(out, streams, post, comb)
         x, post, comb = self.hc_ffn.collapse(streams)
-        out = self.ffn(rms_norm(x, self.ffn_norm.weight, self.eps), token_ids)
+        out = self.ffn(self.ffn_norm(x), token_ids)
         return HyperConnection.expand(out, streams, post, comb)
 
 
@@ -50,18 +49,15 @@ class MTPBlock(Block):
         self.fp8_activations = args.fp8_activations
         self.e_proj = Linear(args.hidden_size, args.hidden_size)
         self.h_proj = Linear(args.hidden_size, args.hidden_size)
-        self.enorm = nn.RMSNorm(args.hidden_size, eps=self.eps)
-        self.hnorm = nn.RMSNorm(args.hidden_size, eps=self.eps)
-        self.norm = nn.RMSNorm(args.hidden_size, eps=self.eps)
+        self.enorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.hnorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.hc_head = HyperHead(args)
 
-    def _fp8(self, x):
-        return fp8_round_trip(x, 128) if self.fp8_activations else x
-
     def __call__(self, streams, next_embeddings, cache, next_ids) -> mx.array:
-        e = rms_norm(next_embeddings, self.enorm.weight, self.eps)
-        h = rms_norm(streams, self.hnorm.weight, self.eps)
-        x = self.e_proj(self._fp8(e))[:, :, None] + self.h_proj(self._fp8(h))
+        e = fp8_input(self.enorm(next_embeddings), self.fp8_activations)
+        h = fp8_input(self.hnorm(streams), self.fp8_activations)
+        x = self.e_proj(e)[:, :, None] + self.h_proj(h)
         return super().__call__(x, cache, next_ids)
 
 
@@ -73,7 +69,7 @@ class Model(nn.Module):
         self.hc_mult = args.hc_mult
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.head = Linear(args.hidden_size, args.vocab_size)
         self.hc_head = HyperHead(args)
         n = args.num_hidden_layers
@@ -94,11 +90,12 @@ class Model(nn.Module):
             streams = layer(streams, layer_cache, inputs)
         return streams
 
-    def logits(self, streams: mx.array, hc_head: Optional[HyperHead] = None, norm=None) -> mx.array:
-        """Streams [B, L, hc, dim] -> fp32 logits [B, L, vocab]."""
-        hc_head, norm = hc_head or self.hc_head, norm or self.norm
-        x = rms_norm(hc_head(streams), norm.weight, norm.eps)
-        return self.head(x.astype(mx.float32)).astype(mx.float32)
+    def logits(self, streams: mx.array, hc_head: Optional[HyperHead] = None, norm: Optional[RMSNorm] = None) -> mx.array:
+        """Streams [B, L, hc, dim] -> fp32 logits [B, L, vocab] (the MTP block passes its own
+        HC head and norm; the LM head is shared)."""
+        hc_head = self.hc_head if hc_head is None else hc_head
+        norm = self.norm if norm is None else norm
+        return self.head(norm(hc_head(streams)).astype(mx.float32)).astype(mx.float32)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[WindowCache]] = None, **kwargs) -> mx.array:
         cache = self.make_cache() if cache is None else cache

@@ -18,7 +18,7 @@ from ..cache import WindowCache
 from ..config import ModelArgs
 from .compressor import Compressor
 from .indexer import Indexer
-from .numerics import fp8_round_trip, rms_norm
+from .numerics import RMSNorm, fp8_input, fp8_kv
 from .rope import RoPE
 
 SCORE_BUDGET = 1 << 25  # fp32 score elements per query block
@@ -43,10 +43,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
         self.wq_a = Linear(args.hidden_size, args.q_lora_rank)
-        self.q_norm = nn.RMSNorm(args.q_lora_rank, eps=self.eps)
+        self.q_norm = RMSNorm(args.q_lora_rank, eps=self.eps)
         self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim)
         self.wkv = Linear(args.hidden_size, self.head_dim)
-        self.kv_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
+        self.kv_norm = RMSNorm(self.head_dim, eps=self.eps)
         group_in = self.n_heads * self.head_dim // self.groups
         self.wo_a = StackedLinear(group_in, self.o_rank, self.groups)
         self.wo_b = Linear(self.groups * self.o_rank, args.hidden_size)
@@ -57,24 +57,18 @@ class Attention(nn.Module):
         if self.ratio == 4:
             self.indexer = Indexer(args, self.ratio)
 
-    def _fp8_input(self, x: mx.array) -> mx.array:
-        return fp8_round_trip(x, 128) if self.args.fp8_activations else x
-
     def _kv_rows(self, x: mx.array, positions: mx.array) -> mx.array:
-        kv = rms_norm(self.wkv(x), self.kv_norm.weight, self.eps)
-        kv = self.rope(kv, positions)
-        if not self.args.kv_fp8:
-            return kv
-        nope = fp8_round_trip(kv[..., : -self.rope_dims], 64)
-        return mx.concatenate([nope, kv[..., -self.rope_dims :]], axis=-1)
+        kv = self.rope(self.kv_norm(self.wkv(x)), positions)
+        return fp8_kv(kv, self.rope_dims) if self.args.kv_fp8 else kv
 
     def __call__(self, x: mx.array, cache: WindowCache) -> mx.array:
         batch, length, _ = x.shape
         start = cache.offset
         positions = start + mx.arange(length)
-        x_in = self._fp8_input(x)
+        fp8 = self.args.fp8_activations
+        x_in = fp8_input(x, fp8)
 
-        qr = self._fp8_input(rms_norm(self.wq_a(x_in), self.q_norm.weight, self.eps))
+        qr = fp8_input(self.q_norm(self.wq_a(x_in)), fp8)
         q = self.wq_b(qr).reshape(batch, length, self.n_heads, self.head_dim)
         q = self.rope(head_rms_norm(q, self.eps), positions)
         window_keys = cache.window_keys(self._kv_rows(x_in, positions))
@@ -91,7 +85,7 @@ class Attention(nn.Module):
         out = self.rope(out, positions, inverse=True)
         out = out.reshape(batch, length, self.groups, 1, -1)
         out = self.wo_a(out, mx.arange(self.groups)).reshape(batch, length, -1)
-        return self.wo_b(self._fp8_input(out))
+        return self.wo_b(fp8_input(out, fp8))
 
     @staticmethod
     def _compress(compressor, x, start, state, buffer) -> Optional[mx.array]:

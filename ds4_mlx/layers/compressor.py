@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..cache import CompressorState
 from ..config import ModelArgs
 from .linear import Linear
-from .numerics import fp4_round_trip, fp8_round_trip, hadamard_rotate, rms_norm
+from .numerics import RMSNorm, fp4_round_trip, fp8_kv, hadamard_rotate
 from .rope import RoPE
 
 
@@ -29,7 +29,7 @@ class Compressor(nn.Module):
         self.wkv = Linear(args.hidden_size, width)
         self.wgate = Linear(args.hidden_size, width)
         self.ape = mx.zeros((ratio, width), dtype=mx.float32)
-        self.norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rope = RoPE(args, compressed=True)
         self.for_indexer = for_indexer
         self.rounding = args.indexer_fp4 if for_indexer else args.kv_fp8
@@ -55,15 +55,14 @@ class Compressor(nn.Module):
         return mx.sum(kv * weights, axis=2)
 
     def _finish(self, pooled: mx.array, first_window: int, dtype) -> mx.array:
-        rows = rms_norm(pooled.astype(dtype), self.norm.weight, self.norm.eps)
+        rows = self.norm(pooled.astype(dtype))
         positions = (first_window + mx.arange(rows.shape[1])) * self.ratio
         rows = self.rope(rows, positions)
         if not self.rounding:
             return rows
         if self.for_indexer:
             return fp4_round_trip(hadamard_rotate(rows), 32)
-        nope = fp8_round_trip(rows[..., : -self.rope_dims], 64)
-        return mx.concatenate([nope, rows[..., -self.rope_dims :]], axis=-1)
+        return fp8_kv(rows, self.rope_dims)
 
     def __call__(self, x: mx.array, start: int, state: CompressorState) -> Optional[mx.array]:
         """Feed tokens x [B, L, dim] at positions start.. ; returns the rows of the windows

@@ -12,7 +12,7 @@ import mlx.nn as nn
 from .linear import Linear, StackedLinear
 
 from ..config import ModelArgs
-from .numerics import fp8_round_trip
+from .numerics import fp8_input
 
 
 def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
@@ -61,7 +61,7 @@ class SharedExpert(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         hidden = clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype)
-        return self.w2(fp8_round_trip(hidden, 128) if self.fp8_activations else hidden)
+        return self.w2(fp8_input(hidden, self.fp8_activations))
 
 
 class RoutedExperts(nn.Module):
@@ -88,8 +88,7 @@ class RoutedExperts(nn.Module):
         hidden = clamped_swiglu(self.w1(rows, sorted_experts, sorted_indices=True),
                                 self.w3(rows, sorted_experts, sorted_indices=True), self.limit)
         hidden = (hidden * weights.reshape(-1)[order][:, None, None]).astype(x.dtype)
-        if self.fp8_activations:
-            hidden = fp8_round_trip(hidden, 128)
+        hidden = fp8_input(hidden, self.fp8_activations)
         out = self.w2(hidden, sorted_experts, sorted_indices=True)  # [N*k, 1, dim]
         out = out[mx.argsort(order)].reshape(n_tokens, k, -1)
         return mx.sum(out.astype(mx.float32), axis=1)
@@ -107,6 +106,6 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x, token_ids.reshape(-1))
-        x_in = fp8_round_trip(x, 128) if self.fp8_activations else x
+        x_in = fp8_input(x, self.fp8_activations)
         out = self.experts(x_in, weights, indices) + self.shared_experts(x_in)
         return out.astype(x.dtype).reshape(shape)

@@ -9,6 +9,7 @@ import math
 from functools import lru_cache
 
 import mlx.core as mx
+import mlx.nn as nn
 
 FP8_MAX = 448.0  # largest e4m3 value
 FP4_MAX = 6.0  # largest e2m1 value
@@ -76,7 +77,19 @@ def hadamard_rotate(x: mx.array) -> mx.array:
     return (x.astype(mx.float32) @ hadamard_matrix(x.shape[-1])).astype(x.dtype)
 
 
-def rms_norm(x: mx.array, weight, eps: float) -> mx.array:
-    """RMSNorm computed in fp32 (weight multiplied in fp32), cast back once."""
-    w = None if weight is None else weight.astype(mx.float32)
-    return mx.fast.rms_norm(x.astype(mx.float32), w, eps).astype(x.dtype)
+def fp8_input(x: mx.array, enabled: bool) -> mx.array:
+    """What an official FP8/FP4 linear sees of its input when FP8 activations are simulated."""
+    return fp8_round_trip(x, 128) if enabled else x
+
+
+def fp8_kv(rows: mx.array, rope_dims: int) -> mx.array:
+    """FP8 round trip (block 64) of the non-RoPE dims of KV rows; the RoPE dims stay as they are."""
+    nope = fp8_round_trip(rows[..., :-rope_dims], 64)
+    return mx.concatenate([nope, rows[..., -rope_dims:]], axis=-1)
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 (weight multiplied in fp32) and cast back once, as officially."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps).astype(x.dtype)
