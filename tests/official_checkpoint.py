@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ds4_mlx.convert.layout import checkpoint_tensors, model_args, scale_name
+from ds4_mlx.convert.layout import checkpoint_tensors, model_args, on_disk_forms, scale_name
+from ds4_mlx.convert.safetensors_reader import NP_DTYPES
 
 BASE_CONFIG = {
     "architectures": ["DeepseekV4ForCausalLM"],
@@ -181,15 +182,21 @@ def _float_values(spec, args, rng) -> np.ndarray:
     return rng.normal(0, 1 / math.sqrt(shape[-1]), shape)  # linears and hc fn
 
 
-def _tensors(spec, args, rng, bf16: bool) -> dict:
+def _tensors(spec, args, rng, bf16: bool, heavy_tailed: bool = False) -> dict:
     """{name: (safetensors dtype, numpy array of the raw values)} for one spec."""
     if spec.kind == "I64":
         ids = np.argsort(rng.random((args.vocab_size, args.n_routed_experts)), axis=1)
         return {spec.name: ("I64", ids[:, : args.num_experts_per_tok].astype(np.int64))}
+    if heavy_tailed and spec.name.endswith("ffn_norm.weight"):  # outlier channels in the MoE input
+        return {spec.name: ("BF16", bf16_bits(rng.lognormal(0, 0.7, spec.shape)))}
     if spec.kind in ("BF16", "F32"):
         x = _float_values(spec, args, rng)
         return {spec.name: ("BF16", bf16_bits(x)) if spec.kind == "BF16" else ("F32", x.astype(np.float32))}
-    w = rng.normal(0, _gain(spec.name) / math.sqrt(spec.shape[1]), spec.shape)
+    std = _gain(spec.name) / math.sqrt(spec.shape[1])
+    if heavy_tailed and spec.kind == "fp4":  # Student t, 4 degrees of freedom (variance 2), same std
+        w = rng.standard_t(4, spec.shape) * (std / math.sqrt(2))
+    else:
+        w = rng.normal(0, std, spec.shape)
     if spec.kind == "fp8":
         q, s, deq = quantize_fp8(w)
         packed = {spec.name: ("F8_E4M3", q), scale_name(spec.name): ("F8_E8M0", s)}
@@ -224,12 +231,14 @@ def write_safetensors(path: Path, tensors: dict, metadata=None):
 
 
 def write_official_checkpoint(out_dir, config: dict, seed: int = 0, n_shards: int = 3, with_mtp: bool = True,
-                              bf16: bool = False) -> Path:
+                              bf16: bool = False, heavy_tailed: bool = False) -> Path:
     """Write a random checkpoint for `config` (config.json field names, overriding official-b's config).
 
     bf16=True writes every FP8/FP4 weight dequantized to BF16 without `.scale` (same values as bf16=False
     with the same seed) and drops `quantization_config` from config.json. with_mtp=False writes no mtp.*
-    tensors and sets num_nextn_predict_layers to 0.
+    tensors and sets num_nextn_predict_layers to 0. heavy_tailed=True draws the routed experts from a
+    Student t distribution (4 degrees of freedom) instead of a normal one, like real FP4 expert weights,
+    and the ffn_norm weights from a log-normal one (outlier channels in the MoE input, as in real models).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +251,7 @@ def write_official_checkpoint(out_dir, config: dict, seed: int = 0, n_shards: in
     rng = np.random.default_rng(seed)
     tensors = {}
     for spec in checkpoint_tensors(cfg):
-        tensors.update(_tensors(spec, args, rng, bf16))
+        tensors.update(_tensors(spec, args, rng, bf16, heavy_tailed))
 
     n_main = max(1, n_shards - 1) if with_mtp else n_shards
     shards = [{} for _ in range(n_shards)]
@@ -255,6 +264,58 @@ def write_official_checkpoint(out_dir, config: dict, seed: int = 0, n_shards: in
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(a.nbytes for _, a in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+# DeepSeek-V4-Flash's config.json (the fields that differ from BASE_CONFIG).
+FLASH_CONFIG = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 43,
+    "num_attention_heads": 64,
+    "head_dim": 512,
+    "q_lora_rank": 1024,
+    "o_groups": 8,
+    "o_lora_rank": 1024,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 6,
+    "moe_intermediate_size": 2048,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 512,
+    "vocab_size": 129280,
+    "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0],
+}
+
+
+def write_official_headers(out_dir, config: dict, n_shards: int = 46) -> Path:
+    """A checkpoint of the official layout with headers only: every shard is a sparse file of its full size
+    whose data bytes are zeros that take no disk space (for plans and dry runs of Flash-sized models)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {**BASE_CONFIG, **config}
+    args = model_args(cfg)
+    shards = [{} for _ in range(n_shards)]
+    for spec in checkpoint_tensors(cfg):
+        for name, (dtype, shape) in on_disk_forms(spec)[0].items():
+            shards[_shard_of(name, args.num_hidden_layers, n_shards - 1, n_shards)][name] = (dtype, shape)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{n_shards:05d}.safetensors"
+        items = sorted(shard.items(), key=lambda kv: (DTYPE_ORDER.index(kv[1][0]), kv[0]))
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, (dtype, shape) in items:
+            size = math.prod(shape) * np.dtype(NP_DTYPES[dtype]).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / file, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + offset)
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out

@@ -1,8 +1,10 @@
-"""Tests of `ds4-mlx convert`: layout, losslessness against an independent numpy dequantization, errors, CLI."""
+"""Tests of `ds4-mlx convert`: layout, losslessness against an independent numpy dequantization, quantizing
+recipes, sizes from the headers, errors, resuming, CLI and Hub."""
 
 import json
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,10 +14,15 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from conftest import SMALL as CONFTEST_SMALL
+from conftest import random_ids
+from ds4_mlx import load_model
 from ds4_mlx.cli import app
-from ds4_mlx.convert import RECIPES, CheckpointError, convert
-from ds4_mlx.convert import converter
-from official_checkpoint import write_official_checkpoint
+from ds4_mlx.convert import RECIPES, CheckpointError, convert, converter, dry_run, hub
+from ds4_mlx.convert import imatrix as imx
+from ds4_mlx.convert.recipes import GROUP_SIZE
+from ds4_mlx.convert.safetensors_reader import Checkpoint
+from official_checkpoint import FLASH_CONFIG, write_official_checkpoint, write_official_headers
 from testdata import OFFICIAL_B as OFFICIAL_B_DATA
 
 OFFICIAL_B = OFFICIAL_B_DATA / "checkpoint"
@@ -303,22 +310,20 @@ def test_random_checkpoint_without_mtp(tmp_path):
     assert not any(k.startswith("mtp.") for k in load_mlx(tmp_path / "out"))
 
 
-def test_quantizing_recipe_slots_in(tmp_path, monkeypatch):
-    def q4(group):
-        if group.role == "expert":
-            return {"group_size": 32, "bits": 4, "mode": "affine"}
-        return {"group_size": 32, "bits": 8, "mode": "affine"} if group.role in ("linear", "wo_a", "head") else None
-
-    monkeypatch.setitem(RECIPES, "q4", q4)
+def test_group_size_must_divide_the_inputs(tmp_path):
+    """q2's routed experts default to groups of 128 inputs; SMALL's hidden size 320 needs --group-size 64."""
     ckpt = write_official_checkpoint(tmp_path / "ckpt", SMALL, n_shards=1)
-    convert(ckpt, tmp_path / "out", recipe="q4")
+    with pytest.raises(ValueError, match="group size 128 does not divide the input size 320 of layers.0.ffn.experts.w1"):
+        convert(ckpt, tmp_path / "out", recipe="q2")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    with pytest.raises(ValueError, match="--group-size applies to q2 and q4"):
+        convert(ckpt, tmp_path / "out", recipe="native", group_size=64)
+    convert(ckpt, tmp_path / "out", recipe="q2", group_size=64)
     w = load_mlx(tmp_path / "out")
     quant = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
-    assert quant["layers.0.ffn.experts.w2"] == {"group_size": 32, "bits": 4, "mode": "affine"}
-    assert quant["head"] == {"group_size": 32, "bits": 8, "mode": "affine"}
-    assert w["layers.0.ffn.experts.w2.weight"].shape == (4, 320, 8)
-    assert w["layers.0.ffn.experts.w2.biases"].shape == (4, 320, 2)
-    assert w["layers.0.attn.wo_a.weight"].shape == (2, 64, 32)
+    assert quant["layers.0.ffn.experts.w2"] == {"group_size": 64, "bits": 2, "mode": "affine"}
+    assert w["layers.0.ffn.experts.w1.weight"].shape == (4, 64, 320 * 2 // 32)
+    assert w["layers.0.ffn.experts.w1.biases"].shape == (4, 64, 5)
 
 
 # ---------------------------------------------------------------- errors and atomic output
@@ -377,17 +382,17 @@ def test_corrupt_checkpoint(tmp_path, corrupt):
 
 def test_failure_mid_conversion_leaves_nothing(tmp_path, monkeypatch):
     calls = []
-    load_group = converter.load_group
+    produce = converter.produce
 
-    def failing(ckpt, group, o_groups):
-        calls.append(group.name)
+    def failing(ckpt, step, importance=None):
+        calls.append(step.group.name)
         if len(calls) == 100:
-            raise CheckpointError(f"tensor {group.name}: simulated read failure")
-        return load_group(ckpt, group, o_groups)
+            raise CheckpointError(f"tensor {step.group.name}: simulated read failure")
+        return produce(ckpt, step, importance)
 
-    monkeypatch.setattr(converter, "load_group", failing)
+    monkeypatch.setattr(converter, "produce", failing)
     with pytest.raises(CheckpointError, match="simulated"):
-        convert(OFFICIAL_B, tmp_path / "out", max_shard_bytes=1 << 20)
+        convert(OFFICIAL_B, tmp_path / "out", recipe="q2", max_shard_bytes=1 << 20)
     _assert_nothing_published(tmp_path / "out")
 
 
@@ -421,3 +426,227 @@ def test_cli_convert(tmp_path):
     assert bad.exit_code != 0
     assert "no config.json" in bad.stderr and "Traceback" not in bad.output
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- quantizing recipes
+
+
+def _rtn(recipe, group, group_size=None):
+    target = RECIPES[recipe](group, group_size or GROUP_SIZE[recipe])
+    return {**target, "rtn": True} if isinstance(target, dict) else target
+
+
+def _log_probs(path: Path, ids: mx.array) -> mx.array:
+    model = load_model(path)
+    model.set_dtype(mx.float32)
+    logits = model(ids)[0]
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _expert_weights(path: Path, name: str) -> mx.array:
+    quant = json.loads((path / "config.json").read_text())["quantization"][name]
+    w = load_mlx(path)
+    scales = w[name + ".scales"]
+    biases = w[name + ".biases"].astype(mx.float32) if name + ".biases" in w else None
+    scales = scales.astype(mx.float32) if biases is not None else scales
+    return mx.dequantize(w[name + ".weight"], scales, biases, dtype=mx.float32, **quant)
+
+
+def test_quantized_recipes(small_checkpoint, small_native, tmp_path, monkeypatch):
+    """q2 and q4 write MLX affine experts (several shards), load, and give logits close to native; our
+    quantization beats round to nearest on the converted tensors and on the KL of the logits."""
+    monkeypatch.setitem(RECIPES, "q2_rtn", partial(_rtn, "q2"))
+    monkeypatch.setitem(RECIPES, "q4_rtn", partial(_rtn, "q4"))
+    ids = random_ids(128, 512)
+    reference = _log_probs(small_native, ids)
+    kl, errors = {}, {}
+    for recipe in ("q2", "q2_rtn", "q4", "q4_rtn"):
+        out = tmp_path / recipe
+        summary = convert(small_checkpoint, out, recipe=recipe, max_shard_bytes=1 << 20)
+        index = json.loads((out / INDEX).read_text())
+        assert len(set(index["weight_map"].values())) > 2
+        assert summary["total_bytes"] == index["metadata"]["total_size"]
+        lp = _log_probs(out, ids)
+        kl[recipe] = mx.mean(mx.sum(mx.exp(reference) * (reference - lp), axis=-1)).item()
+        native = _expert_weights(small_native, "layers.2.ffn.experts.w2")
+        ours = _expert_weights(out, "layers.2.ffn.experts.w2")
+        errors[recipe] = (mx.linalg.norm(ours - native) / mx.linalg.norm(native)).item()
+
+    quant = json.loads((tmp_path / "q2" / "config.json").read_text())["quantization"]
+    assert quant["layers.1.ffn.experts.w3"] == {"group_size": 128, "bits": 2, "mode": "affine"}
+    assert quant["mtp.0.ffn.experts.w1"] == {"group_size": 128, "bits": 2, "mode": "affine"}
+    assert quant["head"] == quant["embed"] == {"group_size": 64, "bits": 8, "mode": "affine"}
+    assert quant["layers.2.attn.wq_b"] == {"group_size": 32, "bits": 8, "mode": "mxfp8"}
+    assert quant["layers.1.attn.indexer.wq_b"] == {"group_size": 32, "bits": 8, "mode": "mxfp8"}
+    assert "layers.2.attn.compressor.wkv" not in quant and "layers.2.ffn.gate" not in quant
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["layers.0.ffn.experts.w2"] == {
+        "group_size": 64, "bits": 4, "mode": "affine"}
+    # Measured (random weights make the model far more sensitive than a trained one): KL q2 0.61
+    # (round to nearest 0.85), q4 0.037 (0.070); relative weight error q2 0.46 (0.58), q4 0.09 (0.11).
+    assert kl["q2"] < 0.8 * kl["q2_rtn"] and kl["q2"] < 0.9, kl
+    assert kl["q4"] < 0.8 * kl["q4_rtn"] and kl["q4"] < 0.08, kl
+    assert errors["q2"] < 0.85 * errors["q2_rtn"] and errors["q4"] < 0.9 * errors["q4_rtn"], errors
+
+
+def test_imatrix_weights_the_error(tmp_path):
+    """With --imatrix the routed experts' error weighted by the input statistics goes down (heavy-tailed
+    checkpoint: its ffn_norm weights give the MoE input outlier channels)."""
+    ckpt = write_official_checkpoint(tmp_path / "ckpt", CONFTEST_SMALL, seed=2, n_shards=1, heavy_tailed=True)
+    convert(ckpt, tmp_path / "native")
+    ids = [list(map(int, np.random.default_rng(5).integers(2, 512, 256)))]
+    stats, tokens = imx.collect(load_model(tmp_path / "native"), ids)
+    imx.save(tmp_path / "imatrix.safetensors", stats, tokens)
+    convert(ckpt, tmp_path / "plain", recipe="q2")
+    convert(ckpt, tmp_path / "weighted", recipe="q2", imatrix=tmp_path / "imatrix.safetensors")
+    # Measured: weighted error ratios 0.83 (w1, w3: input with outlier channels), 0.96 (w2).
+    for proj, key, ratio in (("w1", "w1", 0.9), ("w3", "w1", 0.9), ("w2", "w2", 0.99)):
+        name = f"layers.3.ffn.experts.{proj}"
+        native = _expert_weights(tmp_path / "native", name)
+        sums, counts = (np.array(stats["layers.3.ffn.experts"][k]) for k in (key, "counts"))
+        importance = mx.array(sums / np.maximum(counts, 1)[:, None])[:, None, :]  # [E, 1, in]
+        plain, weighted = (mx.sum(importance * (_expert_weights(tmp_path / run, name) - native) ** 2).item()
+                           for run in ("plain", "weighted"))
+        assert weighted < ratio * plain, proj
+
+    # Statistics of another model: refused before anything is written.
+    imx.save(tmp_path / "other.safetensors", {m: {**d, "w1": d["w1"][:, :100]} for m, d in stats.items()}, tokens)
+    with pytest.raises(ValueError, match="collected on another model"):
+        convert(ckpt, tmp_path / "bad", recipe="q2", imatrix=tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not an imatrix file"):
+        convert(ckpt, tmp_path / "bad", recipe="q2", imatrix=ckpt / "config.json")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+# ---------------------------------------------------------------- sizes from the headers (--dry-run)
+
+
+def test_dry_run_reads_no_tensor_data(official_b, monkeypatch):
+    def no_reading(self, name, out=None):
+        raise AssertionError(f"tensor data read: {name}")
+
+    monkeypatch.setattr(Checkpoint, "read", no_reading)
+    for recipe in ("native", "bf16", "q2", "q4"):
+        summary = dry_run(OFFICIAL_B, recipe)
+        assert summary["total_bytes"] == sum(c["bytes"] for c in summary["classes"].values())
+        if recipe in ("native", "bf16"):
+            index = json.loads((official_b / recipe / INDEX).read_text())
+            assert summary["total_bytes"] == index["metadata"]["total_size"]
+    result = CliRunner().invoke(app, ["convert", "--hf-path", str(OFFICIAL_B), "--recipe", "q2", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["total_bytes"] == dry_run(OFFICIAL_B, "q2")["total_bytes"]
+    assert summary["classes"]["routed experts"]["bits_per_weight"] == 2.25
+    assert summary["classes"]["attention"]["bits_per_weight"] == pytest.approx(8.25, abs=0.01)
+
+
+def test_flash_sizes(tmp_path):
+    """Flash-sized headers (46 sparse shards, no data): q2 fits within ds4's q2 GGUF (80.76 GiB, without MTP)."""
+    headers = write_official_headers(tmp_path / "flash", FLASH_CONFIG)
+    native, q2 = dry_run(headers, "native"), dry_run(headers, "q2")
+    assert native["total_bytes"] == pytest.approx(159.8e9, rel=1e-3)
+    assert q2["classes"]["routed experts"]["params"] == 256 * 43 * 3 * 2048 * 4096
+    assert q2["classes"]["routed experts"]["bits_per_weight"] == 2.25
+    assert q2["main_bytes"] <= 80.76 * 2**30 and q2["total_bytes"] == pytest.approx(87.93e9, rel=1e-3)
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def _interrupt_after(monkeypatch, n_shards: int):
+    """Make the conversion raise KeyboardInterrupt when it starts shard n_shards + 1."""
+    write_shard, written = converter._write_shard, []
+
+    def interrupted(ckpt, path, *args):
+        if len(written) == n_shards:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        return write_shard(ckpt, path, *args)
+
+    monkeypatch.setattr(converter, "_write_shard", interrupted)
+    return written
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    options = {"recipe": "q2", "max_shard_bytes": 1 << 20}
+    convert(OFFICIAL_B, tmp_path / "ref", **options)
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            convert(OFFICIAL_B, out, **options)
+    assert not out.exists() and not (partial / "config.json").exists()
+    manifest = json.loads((partial / "ds4-convert-manifest.json").read_text())
+    first, second = sorted(manifest["shards"])
+    # A damaged finished shard is redone, an intact one kept.
+    with open(partial / second, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    with monkeypatch.context() as m:
+        written = _interrupt_after(m, 100)
+        convert(OFFICIAL_B, out, **options)
+    ref_files = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ref_files and not partial.exists()
+    assert first not in written and second in written
+    for name in ref_files:
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+    # Other options: the leftovers are discarded.
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            convert(OFFICIAL_B, tmp_path / "other", **options)
+    with monkeypatch.context() as m:
+        written = _interrupt_after(m, 100)
+        convert(OFFICIAL_B, tmp_path / "other", recipe="q4", max_shard_bytes=1 << 20)
+    assert json.loads((tmp_path / "other" / "config.json").read_text())["ds4_mlx"]["recipe"] == "q4"
+    assert written[0] == "model-00001-of-%05d.safetensors" % len(written)
+
+
+# ---------------------------------------------------------------- Hugging Face Hub
+
+
+def test_repo_id_is_downloaded(tmp_path, monkeypatch):
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(OFFICIAL_B)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    args = ["convert", "--hf-path", "deepseek-ai/DeepSeek-V4-Flash", "--mlx-path", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls[0][0] == "deepseek-ai/DeepSeek-V4-Flash"
+    assert {"config.json", INDEX, "*.safetensors", "tokenizer.json"} <= set(calls[0][1])
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_offline_hub_says_to_pass_a_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    args = ["convert", "--hf-path", "deepseek-ai/DeepSeek-V4-Flash", "--mlx-path", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "deepseek-ai/DeepSeek-V4-Flash" in result.stderr and "local directory as --hf-path" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_upload(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+
+        def upload_large_folder(self, **kwargs):
+            calls.append(("upload", kwargs))
+            assert (Path(kwargs["folder_path"]) / "config.json").is_file()
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    args = ["convert", "--hf-path", str(OFFICIAL_B), "--mlx-path", str(tmp_path / "out"), "--upload-repo", "me/ds4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [("create_repo", {"repo_id": "me/ds4", "exist_ok": True}),
+                     ("upload", {"folder_path": str(tmp_path / "out"), "repo_id": "me/ds4", "repo_type": "model"})]
