@@ -2,12 +2,20 @@
 
 import typer
 
-from .convert.commands import convert
+from .commands import chat_command, generate
+from .convert.commands import convert, imatrix
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 app.command()(convert)
+app.command()(imatrix)
+app.command()(generate)
+app.command("chat")(chat_command)
 
 
 @app.callback()
 def main():
     """DeepSeek V4 Flash on MLX."""
+
+
+if __name__ == "__main__":
+    app()

