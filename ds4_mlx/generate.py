@@ -47,6 +47,7 @@ class Session:
     reused: int = 0  # tokens of the last prompt already in the cache (live or from the store)
     restored: int = 0  # of which came from the disk store
     saved_at: int = 0
+    extra: dict = field(default_factory=dict)  # saved with snapshots (JSON), restored with them
 
     def __post_init__(self):
         self.caches = self.model.make_cache()
@@ -110,6 +111,7 @@ class Session:
         if saved is not None:
             self.caches, self.tokens, self.logits = saved.caches, list(saved.tokens), saved.logits
             self.restored = self.saved_at = len(self.tokens)
+            self.extra = {**saved.extra, **self.extra}
 
     def _feed(self, chunk: List[int], with_logits: bool):
         streams = self.model.hidden(mx.array(chunk, dtype=mx.int32)[None], self.caches)
@@ -122,7 +124,7 @@ class Session:
         if self.store is None or self.logits is None or len(self.tokens) < self.min_save:
             return
         if self.saved_at != len(self.tokens):
-            self.store.save(self.tokens, self.caches, self.logits)
+            self.store.save(self.tokens, self.caches, self.logits, self.extra)
             self.saved_at = len(self.tokens)
 
     def generate_tokens(self, prompt: Sequence[int], max_tokens: int, sampler=None, logits_processors=None,
