@@ -101,10 +101,12 @@ class Session:
         return self.logits
 
     def _reuse(self, prompt: List[int]):
-        """Keep the live cache if it is a prefix of `prompt`, else restore the store's longest."""
+        """Keep the live cache if it is a prefix of `prompt`, else save it (for a later return to
+        that conversation) and restore the store's longest prefix of `prompt`."""
         self.restored = 0
         if self.logits is not None and self.tokens == prompt[: len(self.tokens)]:
             return
+        self.save()
         self.reset()
         hit = self.store.lookup(prompt) if self.store is not None else None
         saved = self.store.load(hit, self.model.args) if hit is not None else None
