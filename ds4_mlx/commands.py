@@ -37,13 +37,14 @@ Think = Annotated[bool, typer.Option("--think", help="Reason before answering (t
 ThinkMax = Annotated[bool, typer.Option("--think-max", help="Reason at maximum effort (meant for --ctx >= 393216).")]
 
 
-def _mode(nothink: bool, think: bool, think_max: bool) -> str:
+def mode_from_flags(nothink: bool, think: bool, think_max: bool) -> str:
     if nothink + think + think_max > 1:
         raise typer.BadParameter("choose one of --nothink, --think, --think-max")
     return "chat" if nothink else "think-max" if think_max else "think"
 
 
-def _session(model_dir: Path, ctx: int, kv_disk_dir: Optional[Path], kv_disk_space_mb: float, seed) -> Session:
+def open_session(model_dir: Path, ctx: int, kv_disk_dir: Optional[Path], kv_disk_space_mb: float,
+                 seed: Optional[int]) -> Session:
     try:
         model, tokenizer = load(model_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -138,8 +139,8 @@ def generate(
     prefill_step: PrefillStep = 2048,
 ):
     """Answer one prompt, streaming the reasoning and the answer to stdout."""
-    mode = _mode(nothink, think, think_max)
-    session = _session(model, ctx, kv_disk_dir, kv_disk_space_mb, seed)
+    mode = mode_from_flags(nothink, think, think_max)
+    session = open_session(model, ctx, kv_disk_dir, kv_disk_space_mb, seed)
     text = chat.render(_messages(system, [{"role": "user", "content": prompt}]), mode, context=ctx)
     try:
         _, response = _answer(session, text, mode, max_tokens, make_sampler(temp, top_p, min_p, top_k=top_k),
@@ -162,8 +163,9 @@ def chat_command(
     prefill_step: PrefillStep = 2048,
 ):
     """Talk with the model; the KV cache stays live between turns."""
-    repl = Repl(_session(model, ctx, kv_disk_dir, kv_disk_space_mb, seed), _mode(nothink, think, think_max), system,
-                max_tokens, make_sampler(temp, top_p, min_p, top_k=top_k), prefill_step)
+    session = open_session(model, ctx, kv_disk_dir, kv_disk_space_mb, seed)
+    repl = Repl(session, mode_from_flags(nothink, think, think_max), system, max_tokens,
+                make_sampler(temp, top_p, min_p, top_k=top_k), prefill_step)
     typer.echo(HELP, err=True)
     repl.run()
 

@@ -113,7 +113,7 @@ class Session:
         if saved is not None:
             self.caches, self.tokens, self.logits = saved.caches, list(saved.tokens), saved.logits
             self.restored = self.saved_at = len(self.tokens)
-            self.extra = {**saved.extra, **self.extra}
+            self.extra = _merged(saved.extra, self.extra)
 
     def _feed(self, chunk: List[int], with_logits: bool):
         streams = self.model.hidden(mx.array(chunk, dtype=mx.int32)[None], self.caches)
@@ -220,6 +220,15 @@ def stream_generate(model: Model, tokenizer, prompt: Union[str, Sequence[int]], 
     steps.close()
     detokenizer.finalize()
     yield response(detokenizer.last_segment, logprobs, finish)
+
+
+def _merged(saved: dict, live: dict) -> dict:
+    """`live` over `saved`, where a dict in both (a map such as tool-call id -> DSML) is merged."""
+    merged = {**saved, **live}
+    for key, value in live.items():
+        if isinstance(value, dict) and isinstance(saved.get(key), dict):
+            merged[key] = {**saved[key], **value}
+    return merged
 
 
 def last_user_turn(tokenizer, ids: Sequence[int]) -> Optional[int]:

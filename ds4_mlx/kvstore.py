@@ -244,6 +244,22 @@ class KVStore:
         self._write_index(entries)
         return session
 
+    def extras(self) -> List[dict]:
+        """The `extra` of every saved snapshot, read from the file headers and meta sections only:
+        what a caller must know before it can look a prompt up (e.g. the tool-call DSML a server
+        replays when it renders the prompt). A bad file is warned about and removed."""
+        entries, found = self._entries(), []
+        for name, entry in list(entries.items()):
+            try:
+                with open(self.directory / name, "rb") as f:
+                    header = self._check_header(f, entry.tokens, entry.hash)
+                    extra = json.loads(_read_section(f, header, "meta").tobytes())["extra"]
+            except _READ_ERRORS + (_BadFile,) as e:
+                self._discard(entries, name, e)
+                continue
+            found.append(extra)
+        return found
+
     def save(self, tokens: Sequence[int], caches: list, logits: mx.array,
              extra: Optional[dict] = None) -> Optional[Path]:
         """Write a snapshot of `caches` after `tokens` with the next-token `logits` [vocab] and

@@ -133,6 +133,16 @@ def test_lookup_finds_the_longest_saved_prefix(tmp_path, monkeypatch):
     assert len(opened) == 7  # only the chosen file of each hit was opened
 
 
+def test_extras_are_read_without_loading_and_skip_bad_files(tmp_path):
+    store = KVStore(tmp_path, 100, FP)
+    save(store, tokens(40, seed=1), extra={"tool_call_dsml": {"call_a": "A"}})
+    bad = save(store, tokens(50, seed=2), extra={"tool_call_dsml": {"call_b": "B"}})
+    _flip_byte(bad, _section_offset(bad, "meta"))
+    with pytest.warns(KVStoreWarning, match="checksum"):
+        assert store.extras() == [{"tool_call_dsml": {"call_a": "A"}}]
+    assert not bad.exists()
+
+
 def test_saving_the_same_tokens_again_replaces_the_snapshot(tmp_path):
     store = KVStore(tmp_path, 100, FP)
     ids = tokens(100)
