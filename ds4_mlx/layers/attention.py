@@ -5,7 +5,8 @@ Each query attends, in one softmax with a per-head sink, to the last `sliding_wi
 (ratio 128), the indexer's top-k of the visible ones on CSA layers (ratio 4). Compressed row w is
 visible to the query at position t once its window is complete: w < (t + 1) // ratio.
 
-This module is the pure-MLX reference: queries are processed in blocks sized to bound memory.
+Decode (a few queries) runs the custom kernel of custom_kernels/attention.py where there is a GPU
+backend; the pure-MLX reference here processes queries in blocks sized to bound memory.
 """
 
 from typing import Optional
@@ -15,6 +16,7 @@ import mlx.nn as nn
 from .linear import Linear, StackedLinear
 
 from ..cache import WindowCache
+from ..custom_kernels import attention as attention_kernels
 from ..config import ModelArgs
 from .compressor import Compressor
 from .indexer import Indexer
@@ -95,10 +97,17 @@ class Attention(nn.Module):
         return buffer.rows()
 
     def _attend(self, q, start, window_keys, compressed, index) -> mx.array:
-        """q [B, L, H, D] -> attention output [B, L, H, D], query block by query block."""
+        """q [B, L, H, D] -> attention output [B, L, H, D]: decode (a few queries) in one
+        kernel over all keys, prefill query block by query block."""
         length = q.shape[1]
         n_compressed = 0 if compressed is None else compressed.shape[1]
         sparse = index is not None and n_compressed > self.indexer.topk
+        if length <= attention_kernels.MAX_QUERIES:
+            selection = self._selection(index, start, 0, length) if sparse else None
+            keys = window_keys[:, 1 : self.window + length]
+            return attention_kernels.decode_attention(
+                q, window_keys, compressed, selection, self.attn_sink, start=start, ratio=self.ratio,
+                scale=self.scale, reference=lambda: self._attend_block(q, start, keys, compressed, selection))
         columns = self.window + (self.indexer.topk if sparse else n_compressed)
         per_query = max(self.n_heads * columns, self.indexer.n_heads * n_compressed if sparse else 0)
         # a block of Q queries scores window + Q - 1 window keys: Q = window halves the waste
@@ -106,22 +115,28 @@ class Attention(nn.Module):
         outputs = []
         for a in range(0, length, block):
             b = min(length, a + block)
+            selection = self._selection(index, start, a, b) if sparse else None
             outputs.append(self._attend_block(q[:, a:b], start + a, window_keys[:, a + 1 : self.window + b],
-                                              compressed, index, a, sparse))
+                                              compressed, selection))
         return mx.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
 
-    def _attend_block(self, q, first, keys, compressed, index, a, sparse):
+    def _selection(self, index, start, a, b):
+        """The indexer's picks for queries a..b-1 of the chunk (at positions start + a ..)."""
+        iq, iw, index_keys = index
+        return self._select(iq[:, a:b], iw[:, a:b], index_keys, start + a + mx.arange(b - a)[:, None])
+
+    def _attend_block(self, q, first, keys, compressed, selection):
         """Queries at positions first.. (q [B, Q, H, D]) over their window keys [B, window+Q-1, D]
-        (key j at position first - window + 1 + j) and the compressed rows."""
+        (key j at position first - window + 1 + j) and the compressed rows: the indexer's picks
+        `selection` = (rows [B, Q, k], valid [B, Q, k]) on sparse CSA layers, else all visible rows."""
         n_queries = q.shape[1]
         query_pos = first + mx.arange(n_queries)[:, None]
         key_pos = first - self.window + 1 + mx.arange(keys.shape[1])[None]
         window_mask = (key_pos >= 0) & (key_pos <= query_pos) & (key_pos > query_pos - self.window)
         q32 = mx.swapaxes(q, 1, 2).astype(mx.float32)  # [B, H, Q, D]
         groups = [self._shared_keys(q32, keys, window_mask)]
-        if compressed is not None and sparse:
-            iq, iw, index_keys = index
-            picks, valid = self._select(iq[:, a : a + n_queries], iw[:, a : a + n_queries], index_keys, query_pos)
+        if compressed is not None and selection is not None:
+            picks, valid = selection
             rows = compressed[mx.arange(compressed.shape[0])[:, None, None], picks]  # [B, Q, k, D]
             groups.append(self._per_query_keys(q32, rows, valid))
         elif compressed is not None:

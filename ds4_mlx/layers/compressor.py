@@ -72,6 +72,11 @@ class Compressor(nn.Module):
         state.ensure(batch)
         kv, score = self._project(x, start)
         pending = start % r
+        if length == 1 and pending + 1 < r:  # decode inside a window: store the token's row
+            row = pending + (r if self.overlap else 0)
+            state.kv[:, row] = kv[:, 0]
+            state.score[:, row] = score[:, 0]
+            return None
         current = slice(r, 2 * r) if self.overlap else slice(0, r)
         kv = mx.concatenate([state.kv[:, current][:, :pending], kv], axis=1)
         score = mx.concatenate([state.score[:, current][:, :pending], score], axis=1)

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelArgs
+from ..custom_kernels import hyper_connections as kernels  # its fallback is the *_reference code below
 
 
 def _mixes(streams: mx.array, fn: mx.array, eps: float):
@@ -29,6 +30,26 @@ def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
     return comb
 
 
+def collapse_reference(streams: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int,
+                       eps: float, norm_eps: float):
+    """streams [B, L, hc, D] -> (block input [B, L, D], post [B, L, hc], comb [B, L, hc, hc])."""
+    hc = streams.shape[-2]
+    x, mixes = _mixes(streams, fn, norm_eps)
+    pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    comb = mixes[..., 2 * hc :] * scale[2] + base[2 * hc :]
+    comb = sinkhorn(comb.reshape(*comb.shape[:-1], hc, hc), iters, eps)
+    block_input = mx.sum(pre[..., None] * x, axis=-2)
+    return block_input.astype(streams.dtype), post, comb
+
+
+def expand_reference(output: mx.array, streams: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """new stream j = post[j] * output + sum_i comb[i, j] * streams[i]."""
+    mixed = mx.swapaxes(comb, -1, -2) @ streams.astype(mx.float32)  # [B, L, hc, D]
+    new = post[..., None] * output.astype(mx.float32)[..., None, :] + mixed
+    return new.astype(output.dtype)
+
+
 class HyperConnection(nn.Module):
     """One mHC site (before attention or before the MoE of a block)."""
 
@@ -42,21 +63,12 @@ class HyperConnection(nn.Module):
 
     def collapse(self, streams: mx.array):
         """streams [B, L, hc, D] -> (block input [B, L, D], post [B, L, hc], comb [B, L, hc, hc])."""
-        hc = self.hc
-        x, mixes = _mixes(streams, self.fn, self.norm_eps)
-        pre = mx.sigmoid(mixes[..., :hc] * self.scale[0] + self.base[:hc]) + self.eps
-        post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * self.scale[1] + self.base[hc : 2 * hc])
-        comb = mixes[..., 2 * hc :] * self.scale[2] + self.base[2 * hc :]
-        comb = sinkhorn(comb.reshape(*comb.shape[:-1], hc, hc), self.iters, self.eps)
-        block_input = mx.sum(pre[..., None] * x, axis=-2)
-        return block_input.astype(streams.dtype), post, comb
+        return kernels.collapse(streams, self.fn, self.base, self.scale, self.iters, self.eps, self.norm_eps)
 
     @staticmethod
     def expand(output: mx.array, streams: mx.array, post: mx.array, comb: mx.array) -> mx.array:
         """new stream j = post[j] * output + sum_i comb[i, j] * streams[i]."""
-        mixed = mx.swapaxes(comb, -1, -2) @ streams.astype(mx.float32)  # [B, L, hc, D]
-        new = post[..., None] * output.astype(mx.float32)[..., None, :] + mixed
-        return new.astype(output.dtype)
+        return kernels.expand(output, streams, post, comb)
 
 
 class HyperHead(nn.Module):

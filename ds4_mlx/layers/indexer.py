@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelArgs
+from ..custom_kernels import indexer as index_kernel
 from .compressor import Compressor
 from .linear import Linear
 from .numerics import fp4_round_trip, hadamard_rotate
@@ -42,12 +43,23 @@ class Indexer(nn.Module):
         return self.weights_proj(x) * mx.array(self.weight_scale, dtype=x.dtype)
 
     @staticmethod
-    def scores(q: mx.array, weights: mx.array, keys: mx.array) -> mx.array:
-        """q [B, Q, H, Dh], weights [B, Q, H], keys [B, N, Dh] -> index scores [B, Q, N].
+    def scores(q: mx.array, weights: mx.array, keys: mx.array, visible=None) -> mx.array:
+        """q [B, Q, H, Dh], weights [B, Q, H], keys [B, N, Dh] -> index scores [B, Q, N]; with
+        `visible` (per-query count of visible keys, [Q] ints or int array) keys w >= count get -inf.
+        Decode-sized Q runs the custom kernel where there is a GPU backend, else `reference_scores`."""
+        return index_kernel.index_scores(q, weights, keys, visible)
 
-        Each head's dot product is rounded to the activation dtype, ReLU'd and weighted in it,
-        and the heads are summed in fp32 then rounded once, as the official einsum does."""
-        dtype = q.dtype
-        per_head = (q.astype(mx.float32) @ mx.swapaxes(keys, -1, -2)[:, None].astype(mx.float32)).astype(dtype)
-        per_head = mx.maximum(per_head, 0) * weights[..., None]  # [B, Q, H, N]
-        return mx.sum(per_head.astype(mx.float32), axis=2).astype(dtype)
+
+def reference_scores(q: mx.array, weights: mx.array, keys: mx.array, visible=None) -> mx.array:
+    """The pure-MLX index scores (see `Indexer.scores`).
+
+    Each head's dot product is rounded to the activation dtype, ReLU'd and weighted in it,
+    and the heads are summed in fp32 then rounded once, as the official einsum does."""
+    dtype = q.dtype
+    per_head = (q.astype(mx.float32) @ mx.swapaxes(keys, -1, -2)[:, None].astype(mx.float32)).astype(dtype)
+    per_head = mx.maximum(per_head, 0) * weights[..., None]  # [B, Q, H, N]
+    scores = mx.sum(per_head.astype(mx.float32), axis=2).astype(dtype)
+    if visible is not None:
+        counts = visible if isinstance(visible, mx.array) else mx.array(visible)
+        scores = mx.where(mx.arange(keys.shape[1])[None] < counts.reshape(-1, 1), scores, -mx.inf)
+    return scores

@@ -12,6 +12,7 @@ import mlx.nn as nn
 from .linear import Linear, StackedLinear
 
 from ..config import ModelArgs
+from ..custom_kernels import moe as moe_kernels  # its fallback is routed_experts_reference below
 from .numerics import fp8_input
 
 
@@ -22,6 +23,26 @@ def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
         gate = mx.minimum(gate, limit)
         up = mx.clip(up, -limit, limit)
     return nn.silu(gate) * up
+
+
+def routed_experts_reference(x: mx.array, weights: mx.array, indices: mx.array, w1, w2, w3, limit: float,
+                             fp8_activations: bool) -> mx.array:
+    """x [N, dim], weights/indices [N, k] -> sum over k of weight * expert(x), fp32 [N, dim]
+    (the stacked linears w1/w3 [E, inter, dim], w2 [E, dim, inter] through gather_qmm / gather_mm)."""
+    n_tokens, k = indices.shape
+    flat = indices.reshape(-1)
+    order = mx.argsort(flat)
+    sorted_experts = flat[order]
+    # [N*k, 1, dim], grouped by expert. A reshape, not x[...][:, None]: MLX 0.32.4's CUDA
+    # gather_mm misreads an lhs made by expanding a gathered array.
+    rows = x[order // k].reshape(n_tokens * k, 1, -1)
+    hidden = clamped_swiglu(w1(rows, sorted_experts, sorted_indices=True),
+                            w3(rows, sorted_experts, sorted_indices=True), limit)
+    hidden = (hidden * weights.reshape(-1)[order][:, None, None]).astype(x.dtype)
+    hidden = fp8_input(hidden, fp8_activations)
+    out = w2(hidden, sorted_experts, sorted_indices=True)  # [N*k, 1, dim]
+    out = out[mx.argsort(order)].reshape(n_tokens, k, -1)
+    return mx.sum(out.astype(mx.float32), axis=1)
 
 
 class Gate(nn.Module):
@@ -78,20 +99,8 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
         """x [N, dim], weights/indices [N, k] -> sum over k of weight * expert(x), fp32 [N, dim]."""
-        n_tokens, k = indices.shape
-        flat = indices.reshape(-1)
-        order = mx.argsort(flat)
-        sorted_experts = flat[order]
-        # [N*k, 1, dim], grouped by expert. A reshape, not x[...][:, None]: MLX 0.32.4's CUDA
-        # gather_mm misreads an lhs made by expanding a gathered array.
-        rows = x[order // k].reshape(n_tokens * k, 1, -1)
-        hidden = clamped_swiglu(self.w1(rows, sorted_experts, sorted_indices=True),
-                                self.w3(rows, sorted_experts, sorted_indices=True), self.limit)
-        hidden = (hidden * weights.reshape(-1)[order][:, None, None]).astype(x.dtype)
-        hidden = fp8_input(hidden, self.fp8_activations)
-        out = self.w2(hidden, sorted_experts, sorted_indices=True)  # [N*k, 1, dim]
-        out = out[mx.argsort(order)].reshape(n_tokens, k, -1)
-        return mx.sum(out.astype(mx.float32), axis=1)
+        return moe_kernels.routed_experts(x, weights, indices, self.w1, self.w2, self.w3, self.limit,
+                                          self.fp8_activations)
 
 
 class MoE(nn.Module):

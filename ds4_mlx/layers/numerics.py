@@ -12,7 +12,23 @@ import mlx.core as mx
 import mlx.nn as nn
 
 FP8_MAX = 448.0  # largest e4m3 value
+DECODE_SIZE = 1 << 16  # elements: inputs up to this size are decode-sized
 FP4_MAX = 6.0  # largest e2m1 value
+
+
+def fused_for_decode(fn):
+    """`fn` with its chain of element-wise ops fused by `mx.compile` where it pays: on a GPU, for
+    decode-sized inputs (one kernel launch instead of one per op; shapes repeat every step). Large
+    (prefill) inputs, whose shapes vary and whose launches are amortised, and the CPU run `fn` as
+    written. Non-array arguments must be hashable constants (they key the compiled graph)."""
+    compiled = mx.compile(fn)
+
+    def call(x: mx.array, *args):
+        if x.size <= DECODE_SIZE and mx.default_device() == mx.gpu:
+            return compiled(x, *args)
+        return fn(x, *args)
+
+    return call
 
 
 def _pow2_exponent(x: mx.array) -> mx.array:
@@ -41,6 +57,7 @@ def _round_to_grid(y: mx.array, mantissa_bits: int, min_exponent: int) -> mx.arr
     return mx.round(y / quantum) * quantum
 
 
+@fused_for_decode
 def _block_round_trip(x, block, fmt_max, amax_floor, mantissa_bits, min_exponent):
     shape, dtype = x.shape, x.dtype
     blocks = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // block, block)
@@ -74,7 +91,12 @@ def hadamard_matrix(n: int) -> mx.array:
 
 def hadamard_rotate(x: mx.array) -> mx.array:
     """Rotate the last axis by the orthonormal Hadamard matrix (fp32 math, input dtype out)."""
-    return (x.astype(mx.float32) @ hadamard_matrix(x.shape[-1])).astype(x.dtype)
+    return _rotate(x, hadamard_matrix(x.shape[-1]))
+
+
+@fused_for_decode
+def _rotate(x: mx.array, matrix: mx.array) -> mx.array:
+    return (x.astype(mx.float32) @ matrix).astype(x.dtype)
 
 
 def fp8_input(x: mx.array, enabled: bool) -> mx.array:
@@ -82,6 +104,7 @@ def fp8_input(x: mx.array, enabled: bool) -> mx.array:
     return fp8_round_trip(x, 128) if enabled else x
 
 
+@fused_for_decode
 def fp8_kv(rows: mx.array, rope_dims: int) -> mx.array:
     """FP8 round trip (block 64) of the non-RoPE dims of KV rows; the RoPE dims stay as they are."""
     nope = fp8_round_trip(rows[..., :-rope_dims], 64)

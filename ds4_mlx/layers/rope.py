@@ -10,6 +10,7 @@ import math
 import mlx.core as mx
 
 from ..config import ModelArgs
+from .numerics import fused_for_decode
 
 
 def yarn_inv_freq(dims: int, base: float, scaling: dict | None) -> mx.array:
@@ -48,15 +49,21 @@ class RoPE:
 
         `heads` is present when x has 4 dims ([B, L, H, D]); the rotation is the same for all.
         """
-        angles = positions.astype(mx.float32)[:, None] * self.inv_freq  # [L, dims/2]
-        cos, sin = mx.cos(angles), mx.sin(angles)
-        if inverse:
-            sin = -sin
-        if x.ndim == 4:
-            cos, sin = cos[:, None], sin[:, None]
-        nope, rot = x[..., : -self.dims], x[..., -self.dims :]
-        pairs = rot.astype(mx.float32).reshape(*rot.shape[:-1], self.dims // 2, 2)
-        real, imag = pairs[..., 0], pairs[..., 1]
-        rotated = mx.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
-        rotated = rotated.reshape(rot.shape).astype(x.dtype)
-        return mx.concatenate([nope, rotated], axis=-1)
+        return _rotate(x, positions, self.inv_freq, inverse)
+
+
+@fused_for_decode
+def _rotate(x: mx.array, positions: mx.array, inv_freq: mx.array, inverse: bool) -> mx.array:
+    dims = 2 * inv_freq.shape[0]
+    angles = positions.astype(mx.float32)[:, None] * inv_freq  # [L, dims/2]
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    if inverse:
+        sin = -sin
+    if x.ndim == 4:
+        cos, sin = cos[:, None], sin[:, None]
+    nope, rot = x[..., :-dims], x[..., -dims:]
+    pairs = rot.astype(mx.float32).reshape(*rot.shape[:-1], dims // 2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = mx.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+    rotated = rotated.reshape(rot.shape).astype(x.dtype)
+    return mx.concatenate([nope, rotated], axis=-1)

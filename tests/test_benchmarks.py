@@ -1,0 +1,158 @@
+"""The speed benchmarks (benchmarks/decode.py, prefill.py, sweep.py and their helpers in flash.py) run
+end to end on a tiny config and report sane figures; the Flash byte counts match the spec."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from ds4_mlx.cache import cache_nbytes
+from ds4_mlx.custom_kernels import backend
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import flash  # noqa: E402
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--tiny", "--layers", "4", "--recipe", "q2"]
+
+
+def test_layer_mix():
+    full = flash.full_args()
+    assert flash.kind_counts(full) == {"window": 2, "csa": 21, "hca": 20}
+    mixed = flash.bench_args(full, 43, "mixed")
+    assert flash.kind_counts(mixed) == flash.kind_counts(full) and mixed.num_hash_layers == 3
+    eight = flash.bench_args(full, 8, "mixed")
+    assert flash.kind_counts(eight) == {"window": 1, "csa": 4, "hca": 3} and eight.num_hash_layers == 1
+    first = flash.bench_args(full, 8, "first")
+    assert first.compress_ratios == [0, 0, 4, 128, 4, 128, 4, 128] and first.num_hash_layers == 3
+
+
+def test_flash_bytes_match_the_spec():
+    """Per-token weight bytes and resident sizes of the full model (built lazily: nothing evaluated)
+    against ../shared/spec/ds4-flash.md section 4 and the checkpoint size of section 5."""
+    full = flash.full_args()
+    q2 = flash.full_weight_bytes(full, "q2")
+    assert 9.0e9 < q2["total"] < 9.6e9  # spec: 9.38 GB (2-bit g64 experts) .. 9.56 GB (ds4 q2)
+    assert 85e9 < q2["resident"] < 88e9  # routed experts 2.25 bits, the rest mxfp8, embed/head 8-bit
+    native = flash.full_weight_bytes(full, "native")
+    assert 155e9 < native["resident"] < 157e9  # the checkpoint's main model: 156.0 GB
+    bf16 = flash.full_weight_bytes(full, "bf16")
+    assert 26.4e9 < bf16["total"] < 26.8e9  # spec: 26.54 GB
+    kv = flash.kv_read_bytes(full, 1 << 20)
+    assert kv["index_keys"] == 21 * (1 << 18) * 128 * 2  # 1,344 B per context token (spec section 3)
+
+
+def test_filled_caches_hold_what_a_session_holds():
+    args = flash.bench_args(flash.full_args(flash.TINY), 4)
+    model = flash.build_model(args, "q2")
+    for context in (10, 130, 300):
+        caches = flash.fresh_caches(model, context)
+        assert sum(c.nbytes for c in caches) == cache_nbytes(args, context)
+        assert all(c.offset == context for c in caches)
+        stats = flash.check_logits(model, caches)
+        assert stats["finite"] and 0.1 < stats["std"] < 10
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4", "native"])
+def test_recipe_layouts(recipe):
+    args = flash.bench_args(flash.full_args(flash.TINY), 2)
+    assert args.compress_ratios[:2] == [4, 128]
+    model = flash.build_model(args, recipe)
+    layer = model.layers[0]  # CSA
+    experts = layer.ffn.experts.w1
+    expected = {"q2": (2, 128, "affine"), "q4": (4, 64, "affine"), "native": (4, 32, "mxfp4")}[recipe]
+    assert (experts.bits, experts.group_size, experts.mode) == expected
+    attn = layer.attn
+    for m in (attn.wq_a, attn.wq_b, attn.wkv, attn.wo_a, attn.wo_b, attn.indexer.wq_b, layer.ffn.shared_experts.w2):
+        assert (m.bits, m.mode) == (8, "mxfp8")
+    assert attn.compressor.wkv.weight.dtype == mx.bfloat16 and attn.indexer.weights_proj.weight.dtype == mx.bfloat16
+    if recipe == "native":
+        assert model.embed.weight.dtype == mx.bfloat16 and model.head.weight.dtype == mx.bfloat16
+    else:
+        assert (model.embed.bits, model.embed.group_size, model.head.bits) == (8, 64, 8)
+    assert layer.hc_attn.fn.dtype == mx.float32 and layer.ffn.gate.weight.dtype == mx.bfloat16
+    assert flash.check_logits(model, flash.fresh_caches(model, 40))["finite"]
+
+
+def test_decode(tmp_path):
+    out = tmp_path / "decode.json"
+    r = load("decode").main(TINY + ["--contexts", "40,300", "--tokens", "6", "--warmup", "2", "--part-reps", "2",
+                                    "--bandwidth", "1e11", "--out", str(out)])
+    assert json.loads(out.read_text())["benchmark"] == "decode"
+    assert backend.enabled()  # restored
+    assert r["config"]["kinds"] == {"window": 1, "csa": 2, "hca": 1}
+    assert r["device"]["bandwidth_bytes_per_s"] == 1e11
+    assert set(r["results"]) == {"40", "300"}
+    for context, entry in r["results"].items():
+        assert set(entry) == {"on", "off", "speedup"} and entry["speedup"]["step"] > 0
+        for mode in ("on", "off"):
+            m = entry[mode]
+            assert m["tokens_per_s"] > 0 and m["step_ms"] > 0 and m["layer_ms"] > 0 and m["head_ms"] > 0
+            assert m["context_end"] > m["context"] == int(context)
+            full = m["full_depth"]
+            assert 0 < full["tokens_per_s_simple"] < m["tokens_per_s"]  # 6 layers are slower than 4
+            assert 0 < full["tokens_per_s_by_kind"] < m["tokens_per_s"]
+            parts = m["parts_ms"]
+            assert set(parts) == set(flash.PARTS) and all(v >= 0 for v in parts.values())
+            assert parts["attention"] > 0 and parts["moe"] > 0 and parts["mhc"] > 0 and parts["indexer"] > 0
+            assert 0.5 < m["parts_sum_ms"] / m["block_ms"] < 3  # isolated parts vs the isolated block
+            assert math.isclose(sum(m["parts_scaled_ms"].values()), m["layer_ms"], rel_tol=1e-6)
+            for row in m["per_layer"]:
+                assert (row["indexer"] > 0) == (row["kind"] == "csa")
+            b = m["bytes_per_token"]
+            assert b["total"] == b["weights"] + b["kv"] and b["full_depth_total"] > b["total"]
+            assert 0 < m["bandwidth"]["fraction_of_ceiling"] and m["bandwidth"]["full_depth_ceiling_tokens_per_s"] > 0
+            assert m["logits"]["finite"]
+    w = r["weights_per_token"]
+    assert 0 < w["model"] < r["memory"]["weights_resident_bytes"] and w["full_depth"] > w["model"]
+
+
+def test_prefill():
+    r = load("prefill").main(TINY + ["--lengths", "150", "--chunk", "64", "--kernels", "both"])
+    entry = r["results"]["150"]
+    assert entry["speedup"]["total"] > 0
+    for mode in ("on", "off"):
+        m = entry[mode]
+        assert m["tokens_per_s"] > 0 and len(m["chunks"]) == 3 and sum(c["tokens"] for c in m["chunks"]) == 150
+        assert math.isclose(sum(m["layer_s"]) + m["head_s"], m["seconds"], rel_tol=1e-9)
+        assert 0 < m["full_depth"]["tokens_per_s_by_kind"] < m["tokens_per_s"]
+        assert set(m["layer_s_by_kind"]) == {"window", "csa", "hca"} and m["weight_tflops"] > 0
+
+
+def test_sweep(tmp_path):
+    path = tmp_path / "sweep.csv"
+    r = load("sweep").main(TINY + ["--start", "32", "--max-context", "100", "--chunk", "32", "--gen-tokens", "3",
+                                   "--kernels", "off", "--csv", str(path), "--png", str(tmp_path / "sweep.png")])
+    assert [row["frontier"] for row in r["rows"]] == [32, 64, 100]
+    for row in r["rows"]:
+        assert row["gen_tps"] > 0 and 0 < row["gen_tps_full_depth"] < row["gen_tps"]
+        assert row["prefill_tps"] > 0 and row["context"] == row["frontier"]
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and float(rows[-1]["gen_tps"]) > 0
+    assert (r["png"] is None) == (importlib.util.find_spec("matplotlib") is None)
+
+
+@pytest.mark.parametrize("script", ["decode", "prefill", "sweep"])
+def test_help(script):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and "--recipe" in out.stdout and "--kernels" in out.stdout
