@@ -32,6 +32,7 @@ COMMON_HEADER = """
 """
 
 CUDA_HEADER = COMMON_HEADER + """
+typedef unsigned int uint;  // Metal's name; NVRTC has no sys/types.h
 #define SHARED __shared__
 #define BARRIER() __syncthreads()
 #define INLINE __device__ __forceinline__
