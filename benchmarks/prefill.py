@@ -1,13 +1,13 @@
 """Prefill speed of DeepSeek V4 Flash (random weights, N of the 43 layers), custom kernels on and off.
 
-For each prompt length and kernel mode: a warm-up prefill (--warmup tokens, default one chunk, on a
-throwaway cache: the first use of a kernel compiles it), then the prompt fed from an empty cache in
-chunks of --chunk tokens as ds4_mlx.generate.Session.prefill does (default 2048, its step), timed
-layer by layer (flash.prefill: one evaluation per layer and chunk). Reported per length and mode:
-tokens/s of the N-layer model, per-chunk tokens/s, seconds per layer (by kind), the embedding + head
-share, and the full-depth figure (simple: head + 43 x mean layer; by_kind: each kind's mean layer time
-times the 43 layers' count of that kind), plus the weight-product throughput (2 x active weight elements
-per token; attention scores not counted).
+For each prompt length and kernel mode: a warm-up prefill (--warmup tokens, default two chunks, on a
+throwaway cache: the first use of a kernel, and the first chunk that meets a filled cache, build kernels),
+then the prompt fed from an empty cache in chunks of --chunk tokens as ds4_mlx.generate.Session.prefill
+does (default 2048, its step), timed layer by layer (flash.prefill: one evaluation per layer and chunk).
+Reported per length and mode: tokens/s of the N-layer model, per-chunk tokens/s, seconds per layer (by
+kind), the embedding + head share, and the full-depth figure (simple: head + 43 x mean layer; by_kind:
+each kind's mean layer time times the 43 layers' count of that kind), plus the weight-product throughput
+(2 x active weight elements per token; attention scores not counted).
 
     python benchmarks/prefill.py --recipe q2 --layers 8 [--lengths 8192] [--chunk 2048]
 """
@@ -30,7 +30,7 @@ def parse(argv=None):
     parser.add_argument("--lengths", default="8192", help="comma-separated prompt lengths (default %(default)s)")
     parser.add_argument("--chunk", type=int, default=2048,
                         help="prefill chunk, as Session.prefill's step (default %(default)s)")
-    parser.add_argument("--warmup", type=int, help="warm-up prefill tokens (default: one chunk)")
+    parser.add_argument("--warmup", type=int, help="warm-up prefill tokens (default: two chunks)")
     return parser.parse_args(argv)
 
 
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     device = flash.device_info(opts.bandwidth)
     flop_params = flash.matmul_params_per_token(model)
     config = flash.config_summary(args, full, opts.recipe, opts.layer_mix, overrides)
-    warmup = opts.warmup if opts.warmup is not None else opts.chunk
+    warmup = opts.warmup if opts.warmup is not None else 2 * opts.chunk
     config.update(lengths=lengths, chunk=opts.chunk, warmup=warmup)
     results = {}
     initial = backend.enabled()

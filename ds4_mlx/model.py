@@ -14,6 +14,7 @@ import mlx.nn as nn
 from .cache import WindowCache, make_layer_cache
 from .config import ModelArgs
 from .layers.attention import Attention
+from .layers.compiled import decode_graph
 from .layers.hyper_connections import HyperConnection, HyperHead
 from .layers.linear import Linear
 from .layers.moe import MoE
@@ -29,15 +30,27 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.attn = Attention(args, layer_id)
         self.ffn = MoE(args, layer_id)
+        self._attention_input = decode_graph(self, "attention_input")
+        self._feed_forward = decode_graph(self, "feed_forward")
 
-    def __call__(self, streams: mx.array, cache: WindowCache, token_ids: mx.array) -> mx.array:
-        """streams [B, L, hc, dim] -> streams [B, L, hc, dim]."""
+    def attention_input(self, streams: mx.array):
+        """streams [B, L, hc, dim] -> (normed attention input [B, L, dim], post, comb)."""
         x, post, comb = self.hc_attn.collapse(streams)
-        out = self.attn(self.attn_norm(x), cache)
+        return self.attn_norm(x), post, comb
+
+    def feed_forward(self, out, streams, post, comb, token_ids) -> mx.array:
+        """The attention output folded into the streams, then the MoE sub-block: new streams."""
         streams = HyperConnection.expand(out, streams, post, comb)
         x, post, comb = self.hc_ffn.collapse(streams)
         out = self.ffn(self.ffn_norm(x), token_ids)
         return HyperConnection.expand(out, streams, post, comb)
+
+    def __call__(self, streams: mx.array, cache: WindowCache, token_ids: mx.array) -> mx.array:
+        """streams [B, L, hc, dim] -> streams [B, L, hc, dim]. Around the attention's cache work,
+        the stateless parts run as compiled graphs when decoding on a GPU (layers/compiled.py)."""
+        x, post, comb = self._attention_input(streams)
+        out = self.attn(x, cache)
+        return self._feed_forward(out, streams, post, comb, token_ids)
 
 
 class MTPBlock(Block):

@@ -150,7 +150,32 @@ def test_sweep(tmp_path):
     assert (r["png"] is None) == (importlib.util.find_spec("matplotlib") is None)
 
 
-@pytest.mark.parametrize("script", ["decode", "prefill", "sweep"])
+def test_op_count():
+    """The reference path's graph per decode step: the mHC Sinkhorn iterations alone are hundreds of
+    element-wise ops per layer (the custom kernels replace them on a GPU)."""
+    r = load("op_count").main(["--tiny", "--layers", "3", "--context", "300", "--kernels", "off"])
+    layers = r["results"]["off"]["per_layer"]
+    assert [row["kind"] for row in layers] == ["window", "csa", "hca"]
+    for row in layers:
+        assert row["launching"] + row["views"] == row["total"] and row["launching"] > 300
+        assert row["by_primitive"]["QuantizedMatmul"] >= 4 and row["build_ms"] > 0
+    top_k = [row["by_primitive"].get("ArgPartition", 0) for row in layers]
+    assert top_k == [0, 2, 1]  # the MoE gate's (layer 0 routes by hash) and the CSA indexer's
+    full = flash.full_args(flash.parse_overrides(True, None))
+    per_kind = {row["kind"]: row["launching"] for row in layers}
+    expected = sum(per_kind[flash.KINDS[full.compress_ratio(i)]] for i in range(full.num_hidden_layers))
+    assert r["results"]["off"]["full_depth_launching"] == expected + r["results"]["off"]["head"]["launching"]
+
+
+def test_moe_prefill_benchmark():
+    r = load("moe_prefill").main(["--tiny", "--recipes", "q2,native", "--tokens", "40", "--reps", "1"])
+    assert [row["recipe"] for row in r["results"]] == ["q2", "native"]
+    for row in r["results"]:
+        assert row["reference_ms"] > 0 and row["wrapper_ms"] > 0 and row["relative_l2"] < 1e-2
+    assert [row["format"]["mode"] for row in r["results"]] == ["affine", "mxfp4"]
+
+
+@pytest.mark.parametrize("script", ["decode", "prefill", "sweep", "op_count"])
 def test_help(script):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True,

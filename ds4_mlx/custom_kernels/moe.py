@@ -26,7 +26,8 @@ Staging a token's x / the K hidden rows (from L2) costs far less than the weight
 streams (16 rows per group by default). Experts picked by several tokens are read once per token (from
 L2 the second time when their groups run together). The pure-MLX reference
 (`layers.moe.routed_experts_reference`) runs for other quantization modes, unquantized weights,
-more than MAX_TOKENS tokens (prefill: gather_qmm), without a GPU backend, or when a kernel fails
+more than MAX_TOKENS tokens (prefill: gather_qmm, or moe_prefill's dequantized grouped product for
+affine experts on CUDA), without a GPU backend, or when a kernel fails
 to build. The shared expert stays with MLX (its own QuantizedLinear / Linear calls).
 """
 
@@ -34,7 +35,7 @@ from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
-from . import backend
+from . import backend, moe_prefill
 from ..layers import moe as layer
 
 MAX_TOKENS = 8  # at most this many tokens take the kernels; more (prefill) use gather_qmm
@@ -404,6 +405,8 @@ def routed_experts(x: mx.array, weights: mx.array, indices: mx.array, w1, w2, w3
     def reference():
         return layer.routed_experts_reference(x, weights, indices, w1, w2, w3, limit, fp8_activations)
 
+    if backend.backend() == "cuda" and moe_prefill.applies(x, indices, w1, w2, w3):
+        return moe_prefill.routed_experts(x, weights, indices, w1, w2, w3, limit, fp8_activations)
     fmts = None if backend.backend() is None else formats(x, weights, indices, w1, w2, w3)
     if fmts is None:
         return reference()

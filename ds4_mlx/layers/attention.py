@@ -18,6 +18,7 @@ from .linear import Linear, StackedLinear
 from ..cache import WindowCache
 from ..custom_kernels import attention as attention_kernels
 from ..config import ModelArgs
+from .compiled import decode_graph
 from .compressor import Compressor
 from .indexer import Indexer
 from .numerics import RMSNorm, fp8_input, fp8_kv
@@ -58,36 +59,46 @@ class Attention(nn.Module):
             self.compressor = Compressor(args, self.ratio, self.head_dim)
         if self.ratio == 4:
             self.indexer = Indexer(args, self.ratio)
+        self._project = decode_graph(self, "project")
+        self._output = decode_graph(self, "output")
 
-    def _kv_rows(self, x: mx.array, positions: mx.array) -> mx.array:
-        kv = self.rope(self.kv_norm(self.wkv(x)), positions)
-        return fp8_kv(kv, self.rope_dims) if self.args.kv_fp8 else kv
-
-    def __call__(self, x: mx.array, cache: WindowCache) -> mx.array:
+    def project(self, x: mx.array, positions: mx.array):
+        """x [B, L, dim] -> the stateless projections: queries [B, L, H, D] (normed, RoPE'd), the new
+        KV rows [B, L, D], and on CSA layers the indexer's queries and head weights."""
         batch, length, _ = x.shape
-        start = cache.offset
-        positions = start + mx.arange(length)
         fp8 = self.args.fp8_activations
         x_in = fp8_input(x, fp8)
-
         qr = fp8_input(self.q_norm(self.wq_a(x_in)), fp8)
         q = self.wq_b(qr).reshape(batch, length, self.n_heads, self.head_dim)
         q = self.rope(head_rms_norm(q, self.eps), positions)
-        window_keys = cache.window_keys(self._kv_rows(x_in, positions))
+        kv = self.rope(self.kv_norm(self.wkv(x_in)), positions)
+        kv = fp8_kv(kv, self.rope_dims) if self.args.kv_fp8 else kv
+        if self.ratio != 4:
+            return q, kv
+        return q, kv, self.indexer.queries(qr, positions), self.indexer.head_weights(x)
+
+    def output(self, out: mx.array, positions: mx.array) -> mx.array:
+        """Attention output [B, L, H, D] -> [B, L, dim]: inverse RoPE, grouped wo_a, wo_b."""
+        batch, length = out.shape[:2]
+        out = self.rope(out, positions, inverse=True).reshape(batch, length, self.groups, 1, -1)
+        out = self.wo_a(out, mx.arange(self.groups)).reshape(batch, length, -1)
+        return self.wo_b(fp8_input(out, self.args.fp8_activations))
+
+    def __call__(self, x: mx.array, cache: WindowCache) -> mx.array:
+        length = x.shape[1]
+        start = cache.offset
+        positions = start + mx.arange(length)
+        projected = self._project(x, positions)
+        q, window_keys = projected[0], cache.window_keys(projected[1])
 
         compressed = index = None
         if self.ratio:
             compressed = self._compress(self.compressor, x, start, cache.compressor, cache.entries)
         if self.ratio == 4:
             index_keys = self._compress(self.indexer.compressor, x, start, cache.index_compressor, cache.index_keys)
-            index = (self.indexer.queries(qr, positions), self.indexer.head_weights(x), index_keys)
+            index = (projected[2], projected[3], index_keys)
         cache.advance(length)
-
-        out = self._attend(q, start, window_keys, compressed, index)
-        out = self.rope(out, positions, inverse=True)
-        out = out.reshape(batch, length, self.groups, 1, -1)
-        out = self.wo_a(out, mx.arange(self.groups)).reshape(batch, length, -1)
-        return self.wo_b(fp8_input(out, fp8))
+        return self._output(self._attend(q, start, window_keys, compressed, index), positions)
 
     @staticmethod
     def _compress(compressor, x, start, state, buffer) -> Optional[mx.array]:

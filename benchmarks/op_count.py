@@ -1,0 +1,104 @@
+"""Operations in one decode step of each kind of layer (window, CSA, HCA) and of the head, custom kernels
+on and off: the graph MLX evaluates per token, counted by primitive (mx.export_to_dot). At batch 1 the
+decode step is bound by these counts (each launch costs microseconds of graph building and dispatch,
+`../shared/gpu/README.md`), not by the bytes read, so this is the figure that explains decode speed.
+
+"views" are primitives that normally launch nothing (broadcasts, reshapes, slices, transposes ...);
+"launching" is the rest, which approximates the kernels launched. build_ms: the Python time to build
+the layer's graph (no evaluation): with the next step built while the GPU runs the current one, a decode
+step takes at least the larger of this and the GPU's time.
+
+    python benchmarks/op_count.py [--recipe q2] [--context 4096] [--tiny]
+"""
+
+import io
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+
+import flash  # noqa: E402
+from ds4_mlx.custom_kernels import backend  # noqa: E402
+
+VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Slice", "Transpose", "AsStrided", "StopGradient",
+         "Depends", "Flatten", "Unflatten", "Split"}
+LABEL = re.compile(r'label ="([^"]+)", shape=rectangle')
+
+
+def count(*outputs) -> dict:
+    """Primitive counts of the unevaluated graph behind `outputs`."""
+    buffer = io.StringIO()
+    mx.export_to_dot(buffer, *outputs)
+    names = Counter(LABEL.findall(buffer.getvalue()))
+    views = sum(v for k, v in names.items() if k in VIEWS)
+    total = sum(names.values())
+    return {"total": total, "views": views, "launching": total - views,
+            "by_primitive": dict(sorted(names.items(), key=lambda kv: -kv[1]))}
+
+
+def layer_counts(model, caches, token: int = 7) -> list:
+    """Per layer: the counts of one token's step through it (the caches advance by the token)."""
+    ids = mx.array([[token]], dtype=mx.int32)
+    x = model.embed(ids)
+    streams = mx.broadcast_to(x[:, :, None], (1, 1, model.hc_mult, x.shape[-1]))
+    mx.eval(streams)
+    rows = []
+    for i, (layer, cache) in enumerate(zip(model.layers, caches)):
+        start = time.perf_counter()
+        out = layer(streams, cache, ids)
+        build = time.perf_counter() - start
+        row = {"layer": i, "kind": flash.KINDS[model.args.compress_ratio(i)], "build_ms": build * 1e3}
+        row.update(count(out, *cache.arrays()))
+        rows.append(row)
+        mx.eval(out, cache.arrays())
+        streams = out
+    return rows
+
+
+def head_counts(model) -> dict:
+    token = mx.array([[3]], dtype=mx.int32)
+    x = model.embed(token)
+    streams = mx.broadcast_to(x[:, :, None], (1, 1, model.hc_mult, x.shape[-1]))
+    logits = model.logits(streams)[0, -1]
+    return count(mx.argmax(logits - mx.logsumexp(logits, keepdims=True)))
+
+
+def main(argv=None) -> dict:
+    parser = flash.make_parser(__doc__, layers_default=3)
+    parser.add_argument("--context", type=int, default=4096)
+    opts = parser.parse_args(argv)
+    overrides, full, args, model, _ = flash.setup(opts, opts.context)
+    results = {}
+    initial = backend.enabled()
+    try:
+        for on in flash.kernel_modes(opts.kernels):
+            backend.set_enabled(on)
+            caches = flash.fresh_caches(model, opts.context, seed=opts.seed + 1)
+            flash.decode(model, caches, 2)  # the first use of a kernel builds it
+            layers = layer_counts(model, caches)
+            kinds = {}
+            for row in layers:
+                kinds.setdefault(row["kind"], row)
+            full_depth = sum(kinds[flash.KINDS[full.compress_ratio(i)]]["launching"]
+                             for i in range(full.num_hidden_layers) if flash.KINDS[full.compress_ratio(i)] in kinds)
+            head = head_counts(model)
+            results[flash.mode_name(on)] = {"kernel_backend": backend.backend(), "per_layer": layers, "head": head,
+                                            "full_depth_launching": full_depth + head["launching"]}
+            flash.log(f"[op_count] kernels {flash.mode_name(on)}: " + ", ".join(
+                f"{r['kind']} {r['launching']} ({r['total']})" for r in layers) + f"; head {head['launching']}")
+    finally:
+        backend.set_enabled(initial)
+    result = {"benchmark": "op_count", "device": flash.device_info(opts.bandwidth),
+              "config": flash.config_summary(args, full, opts.recipe, opts.layer_mix, overrides) | {
+                  "context": opts.context}, "results": results}
+    flash.emit(result, opts.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
