@@ -33,6 +33,7 @@ import mlx.core as mx  # noqa: E402
 
 import flash  # noqa: E402
 from ds4_mlx.custom_kernels import backend  # noqa: E402
+from ds4_mlx.layers import compiled  # noqa: E402
 
 
 def parse(argv=None):
@@ -133,7 +134,8 @@ def main(argv=None) -> dict:
     weights = flash.weight_bytes_per_token(model)
     full_weights = flash.full_weight_bytes(full, opts.recipe)
     config = flash.config_summary(args, full, opts.recipe, opts.layer_mix, overrides)
-    config.update(tokens=opts.tokens, warmup=opts.warmup, part_reps=opts.part_reps, contexts=contexts)
+    config.update(tokens=opts.tokens, warmup=opts.warmup, part_reps=opts.part_reps, contexts=contexts,
+                  compiled_decode=compiled.enabled())  # in effect on a GPU; DS4_MLX_COMPILE=0: eager
     results = {}
     initial = backend.enabled()
     try:

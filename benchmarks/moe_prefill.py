@@ -5,7 +5,8 @@ dequantize in blocks of experts, then gather_mm), per recipe and token count, in
 For each recipe (its routed-expert format) and token count N: random experts [256, 2048, 4096] in that
 format, x [N, 4096] bf16, 6 experts per token drawn uniformly; the median of --reps timed calls of each
 path (after a warm-up call). Reported: ms per call, TFLOP/s of the weight products (2 x 3 x N x 6 x
-4096 x 2048 flops), the speedup, and the relative L2 distance between the two outputs.
+4096 x 2048 flops), the speedup, the scratch memory (peak above what was allocated before the calls) and
+the relative L2 distance between the two outputs.
 
     python benchmarks/moe_prefill.py [--recipes q2,q4,native] [--tokens 512,2048,4096] [--reps 5]
 """
@@ -43,12 +44,16 @@ def experts(recipe: str, count: int, dim: int, inter: int, seed: int):
 
 
 def timed(fn, reps: int):
+    """(median seconds, output, peak memory in bytes above what was allocated before)."""
     mx.eval(fn())
+    mx.synchronize()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
     times = []
     for _ in range(reps):
         seconds, out = flash.clock(fn)
         times.append(seconds)
-    return flash.median(times), out
+    return flash.median(times), out, mx.get_peak_memory() - before
 
 
 def main(argv=None) -> dict:
@@ -68,13 +73,15 @@ def main(argv=None) -> dict:
             indices = mx.array(np.stack([rng.choice(count, k, replace=False) for _ in range(n)]), dtype=mx.int32)
             weights = mx.array(rng.uniform(0.2, 1.0, (n, k)), dtype=mx.float32)
             x = mx.random.normal((n, dim), key=mx.random.key(n)).astype(mx.bfloat16)
-            ref_s, ref = timed(lambda: routed_experts_reference(x, weights, indices, w1, w2, w3, LIMIT, False), opts.reps)
-            ours_s, ours = timed(lambda: moe_kernels.routed_experts(x, weights, indices, w1, w2, w3, LIMIT, False),
-                                 opts.reps)
+            ref_s, ref, ref_peak = timed(
+                lambda: routed_experts_reference(x, weights, indices, w1, w2, w3, LIMIT, False), opts.reps)
+            ours_s, ours, ours_peak = timed(
+                lambda: moe_kernels.routed_experts(x, weights, indices, w1, w2, w3, LIMIT, False), opts.reps)
             flops = 2 * 3 * n * k * dim * inter
             row = {"recipe": recipe, "format": dict(zip(("mode", "bits", "group_size"), fmt)), "tokens": n,
                    "reference_ms": ref_s * 1e3, "reference_tflops": flops / ref_s / 1e12,
                    "wrapper_ms": ours_s * 1e3, "wrapper_tflops": flops / ours_s / 1e12, "speedup": ref_s / ours_s,
+                   "reference_scratch_bytes": ref_peak, "wrapper_scratch_bytes": ours_peak,
                    "relative_l2": float(mx.linalg.norm(ours - ref) / mx.linalg.norm(ref))}
             flash.log(f"[moe_prefill] {recipe} N={n}: reference {row['reference_ms']:.2f} ms, wrapper "
                       f"{row['wrapper_ms']:.2f} ms ({row['speedup']:.2f}x), rel. L2 {row['relative_l2']:.2e}")

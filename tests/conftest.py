@@ -12,6 +12,22 @@ from ds4_mlx import load_model
 from ds4_mlx.convert import convert
 
 
+@pytest.fixture(autouse=True)
+def _eager_decode_in_gpu_tests(request):
+    """The gpu tests compare the model with a kernel wrapper against a monkeypatched reference: a
+    compiled decode graph (ds4_mlx/layers/compiled.py) traced in the first run would keep the wrapper
+    it saw, so they run eagerly (tests/test_compiled.py covers the compiled graphs)."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    from ds4_mlx.layers import compiled
+
+    initial = compiled.enabled()
+    compiled.set_enabled(False)
+    yield
+    compiled.set_enabled(initial)
+
+
 # A tiny config that reaches every code path within a few hundred tokens: window-only, CSA and
 # HCA layers, a hash-routed CSA layer, a window of 16 (wrap-around), ratio-128 entries after
 # 128 tokens, and an index_topk below the number of CSA entries (the indexer decides).

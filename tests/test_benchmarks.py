@@ -97,7 +97,7 @@ def test_decode(tmp_path):
                                     "--bandwidth", "1e11", "--out", str(out)])
     assert json.loads(out.read_text())["benchmark"] == "decode"
     assert backend.enabled()  # restored
-    assert r["config"]["kinds"] == {"window": 1, "csa": 2, "hca": 1}
+    assert r["config"]["kinds"] == {"window": 1, "csa": 2, "hca": 1} and r["config"]["compiled_decode"] is True
     assert r["device"]["bandwidth_bytes_per_s"] == 1e11
     assert set(r["results"]) == {"40", "300"}
     for context, entry in r["results"].items():

@@ -12,6 +12,9 @@ SwiGLU times the route weight, and down, as `layers.moe.routed_experts_reference
 Numerics: the weights are rounded to the activation dtype (relative 2^-9 in bf16) before the product,
 where gather_qmm uses them unrounded; everything else rounds where the reference rounds. mxfp4 experts
 keep gather_qmm (fast there), as do Metal and the CPU.
+
+Memory: the blocks are queued ahead of the GPU, so several blocks' dequantized weights are alive at once
+(4 layers, 2048-token chunks: 24.6 GB peak against 18.4 GB with gather_qmm on an H100).
 """
 
 from typing import List
