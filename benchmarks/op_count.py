@@ -81,14 +81,12 @@ def main(argv=None) -> dict:
             caches = flash.fresh_caches(model, opts.context, seed=opts.seed + 1)
             flash.decode(model, caches, 2)  # the first use of a kernel builds it
             layers = layer_counts(model, caches)
-            kinds = {}
-            for row in layers:
-                kinds.setdefault(row["kind"], row)
-            full_depth = sum(kinds[flash.KINDS[full.compress_ratio(i)]]["launching"]
-                             for i in range(full.num_hidden_layers) if flash.KINDS[full.compress_ratio(i)] in kinds)
+            per_kind = flash.by_kind([row["launching"] for row in layers], args)
+            full_depth = flash.full_depth_layers(per_kind, full)  # None unless every kind was counted
             head = head_counts(model)
-            results[flash.mode_name(on)] = {"kernel_backend": backend.backend(), "per_layer": layers, "head": head,
-                                            "full_depth_launching": full_depth + head["launching"]}
+            results[flash.mode_name(on)] = {
+                "kernel_backend": backend.backend(), "per_layer": layers, "head": head,
+                "full_depth_launching": None if full_depth is None else full_depth + head["launching"]}
             flash.log(f"[op_count] kernels {flash.mode_name(on)}: " + ", ".join(
                 f"{r['kind']} {r['launching']} ({r['total']})" for r in layers) + f"; head {head['launching']}")
     finally:

@@ -325,7 +325,7 @@ def test_gpu_flash_shapes(flash_experts, launches, n_tokens):
     _require_gpu()
     (mode, _, _), (w1, w2, w3) = flash_experts
     x, weights, indices = make_inputs(n_tokens, 6, 256, 4096, mx.bfloat16, seed=n_tokens, x_scale=8.0)
-    # the oracle runs on the CPU, which rounds each product once from an fp32 sum (tests/linear.py's
+    # the oracle runs on the CPU, which rounds each product once from an fp32 sum (layers/linear.py's
     # _exact) as the kernels do; MLX's CUDA affine gather_qmm rounds its partial products in the
     # activation dtype, so near-cancelling sums (|gate| << |x| |w|) differ from it by many ulps
     check_all_stages(x, weights, indices, w1, w2, w3, flips=0.05, oracle=mx.cpu)

@@ -405,9 +405,10 @@ def routed_experts(x: mx.array, weights: mx.array, indices: mx.array, w1, w2, w3
     def reference():
         return layer.routed_experts_reference(x, weights, indices, w1, w2, w3, limit, fp8_activations)
 
-    if backend.backend() == "cuda" and moe_prefill.applies(x, indices, w1, w2, w3):
+    name = backend.backend()
+    if name == "cuda" and moe_prefill.applies(x, indices, w1, w2, w3):
         return moe_prefill.routed_experts(x, weights, indices, w1, w2, w3, limit, fp8_activations)
-    fmts = None if backend.backend() is None else formats(x, weights, indices, w1, w2, w3)
+    fmts = None if name is None else formats(x, weights, indices, w1, w2, w3)
     if fmts is None:
         return reference()
     hidden = gate_up(x, weights, indices, w1, w3, fmts[0], limit)

@@ -2,12 +2,14 @@
 
 MLX 0.32.4's CUDA `gather_qmm` runs affine-quantized experts at a few TFLOP/s when many rows share
 each expert. Measured on an H100 (benchmarks/moe_prefill.py, 256 experts of [2048, 4096], k = 6, all
-three products): 2-bit g64 2048 tokens 182 ms with gather_qmm, 61 ms dequantized (3.0x); 4096 tokens
+three products): 2-bit g128 2048 tokens 182 ms with gather_qmm, 61 ms dequantized (3.0x); 4096 tokens
 363 vs 61 ms (5.9x); 4-bit g64 128 vs 62 ms (2.0x) and 255 vs 64 ms (4.0x). The dequantization of all
-experts is most of the 61 ms, so longer chunks amortise it. So for N * k >= PREFILL_ROWS token-expert rows the experts are dequantized EXPERT_BLOCK at a time
-(bounding the scratch to 3 x EXPERT_BLOCK x inter x dim activation-dtype values) and each block's rows
-(grouped by expert: a contiguous range of the expert-sorted rows) go through gate/up, the clamped
-SwiGLU times the route weight, and down, as `layers.moe.routed_experts_reference` does.
+experts is most of the 61 ms, so longer chunks amortise it.
+
+So for N * k >= PREFILL_ROWS token-expert rows the experts are dequantized EXPERT_BLOCK at a time and
+each block's rows (grouped by expert: a contiguous range of the expert-sorted rows) go through gate/up,
+the clamped SwiGLU times the route weight, and down, with the reference's helpers
+(`layers.moe.sort_by_expert`, `expert_hidden`, `unsorted_sum`).
 
 Numerics: the weights are rounded to the activation dtype (relative 2^-9 in bf16) before the product,
 where gather_qmm uses them unrounded; everything else rounds where the reference rounds. mxfp4 experts
@@ -51,27 +53,21 @@ def _block_starts(sorted_experts: mx.array, experts: int) -> List[int]:
 def routed_experts(x: mx.array, weights: mx.array, indices: mx.array, w1, w2, w3, limit: float,
                    fp8_activations: bool) -> mx.array:
     """x [N, dim], route weights / expert indices [N, k] -> sum over k of weight * expert(x), fp32 [N, dim]."""
-    n_tokens, k = indices.shape
-    flat = indices.reshape(-1)
-    order = mx.argsort(flat)
-    sorted_experts = flat[order]
-    rows = x[order // k]  # [N*k, dim], grouped by expert
-    route = weights.reshape(-1)[order].astype(mx.float32)
-    starts = _block_starts(sorted_experts, w1.weight.shape[0])
+    order, experts, rows, route = layer.sort_by_expert(x, weights, indices)
+    starts = _block_starts(experts, w1.weight.shape[0])
     outputs = []
     for b, (r0, r1) in enumerate(zip(starts[:-1], starts[1:])):
         if r0 == r1:
             continue
         e0, e1 = b * EXPERT_BLOCK, min((b + 1) * EXPERT_BLOCK, w1.weight.shape[0])
-        picks = sorted_experts[r0:r1] - e0
-        block_rows = rows[r0:r1].reshape(r1 - r0, 1, -1)  # a reshape: see routed_experts_reference
+        picks = experts[r0:r1] - e0
 
         def product(linear, lhs):
             return mx.gather_mm(lhs, _dequantized(linear, e0, e1, x.dtype), rhs_indices=picks, sorted_indices=True)
 
-        hidden = layer.clamped_swiglu(product(w1, block_rows), product(w3, block_rows), limit)
-        hidden = layer.fp8_input((hidden * route[r0:r1, None, None]).astype(x.dtype), fp8_activations)
-        outputs.append(product(w2, hidden)[:, 0])
+        block_rows = rows[r0:r1]
+        hidden = layer.expert_hidden(product(w1, block_rows), product(w3, block_rows), route[r0:r1], limit,
+                                     x.dtype, fp8_activations)
+        outputs.append(product(w2, hidden))
     out = mx.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
-    out = out[mx.argsort(order)].reshape(n_tokens, k, -1)
-    return mx.sum(out.astype(mx.float32), axis=1)
+    return layer.unsorted_sum(out, order, indices.shape[1])

@@ -88,15 +88,15 @@ class Attention(nn.Module):
         length = x.shape[1]
         start = cache.offset
         positions = start + mx.arange(length)
-        projected = self._project(x, positions)
-        q, window_keys = projected[0], cache.window_keys(projected[1])
+        q, kv, *index_inputs = self._project(x, positions)  # index_inputs: CSA layers' (queries, weights)
+        window_keys = cache.window_keys(kv)
 
         compressed = index = None
         if self.ratio:
             compressed = self._compress(self.compressor, x, start, cache.compressor, cache.entries)
         if self.ratio == 4:
             index_keys = self._compress(self.indexer.compressor, x, start, cache.index_compressor, cache.index_keys)
-            index = (projected[2], projected[3], index_keys)
+            index = (*index_inputs, index_keys)
         cache.advance(length)
         return self._output(self._attend(q, start, window_keys, compressed, index), positions)
 

@@ -9,7 +9,7 @@ Each new shape runs eagerly once first, so a custom kernel's first-use build che
 (custom_kernels.backend.Kernel.run) happens outside tracing.
 
 Measured (H100, q2, 4 of the 43 layers, 4K context, kernels on): graph building 0.5-0.9 ms per layer
-instead of 1.3-1.8; decode 1.64 ms per layer pipelined (2.02 eager, on another H100 of the same kind).
+instead of 1.3-1.8. Its effect on the pipelined decode step has not been measured on one machine yet.
 The first compiled step (the second decode step after a load) traces and JIT-compiles the fused kernels
 once: ~26 s on that H100, after the ~17-20 s the first (eager) step spends building MLX's own kernels.
 

@@ -25,24 +25,40 @@ def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
     return nn.silu(gate) * up
 
 
+def sort_by_expert(x: mx.array, weights: mx.array, indices: mx.array):
+    """The N * k token-expert rows grouped by expert: (order [N*k] (row r is flat row order[r]),
+    their experts [N*k] ascending, their tokens' x [N*k, 1, dim], their route weights [N*k])."""
+    n_tokens, k = indices.shape
+    flat = indices.reshape(-1)
+    order = mx.argsort(flat)
+    # a reshape, not x[...][:, None]: MLX 0.32.4's CUDA gather_mm misreads an lhs made by
+    # expanding a gathered array
+    rows = x[order // k].reshape(n_tokens * k, 1, -1)
+    return order, flat[order], rows, weights.reshape(-1)[order]
+
+
+def expert_hidden(gate: mx.array, up: mx.array, route: mx.array, limit: float, dtype,
+                  fp8_activations: bool) -> mx.array:
+    """The down projection's input [R, 1, inter]: route [R] times the clamped SwiGLU of the gate
+    and up products, rounded to the activation dtype (then FP8-simulated where the model does)."""
+    hidden = (clamped_swiglu(gate, up, limit) * route[:, None, None]).astype(dtype)
+    return fp8_input(hidden, fp8_activations)
+
+
+def unsorted_sum(out: mx.array, order: mx.array, k: int) -> mx.array:
+    """Per-row outputs [N*k, 1, dim] in expert order -> each token's sum over its k experts, fp32 [N, dim]."""
+    out = out[mx.argsort(order)].reshape(-1, k, out.shape[-1])
+    return mx.sum(out.astype(mx.float32), axis=1)
+
+
 def routed_experts_reference(x: mx.array, weights: mx.array, indices: mx.array, w1, w2, w3, limit: float,
                              fp8_activations: bool) -> mx.array:
     """x [N, dim], weights/indices [N, k] -> sum over k of weight * expert(x), fp32 [N, dim]
     (the stacked linears w1/w3 [E, inter, dim], w2 [E, dim, inter] through gather_qmm / gather_mm)."""
-    n_tokens, k = indices.shape
-    flat = indices.reshape(-1)
-    order = mx.argsort(flat)
-    sorted_experts = flat[order]
-    # [N*k, 1, dim], grouped by expert. A reshape, not x[...][:, None]: MLX 0.32.4's CUDA
-    # gather_mm misreads an lhs made by expanding a gathered array.
-    rows = x[order // k].reshape(n_tokens * k, 1, -1)
-    hidden = clamped_swiglu(w1(rows, sorted_experts, sorted_indices=True),
-                            w3(rows, sorted_experts, sorted_indices=True), limit)
-    hidden = (hidden * weights.reshape(-1)[order][:, None, None]).astype(x.dtype)
-    hidden = fp8_input(hidden, fp8_activations)
-    out = w2(hidden, sorted_experts, sorted_indices=True)  # [N*k, 1, dim]
-    out = out[mx.argsort(order)].reshape(n_tokens, k, -1)
-    return mx.sum(out.astype(mx.float32), axis=1)
+    order, experts, rows, route = sort_by_expert(x, weights, indices)
+    gate, up = w1(rows, experts, sorted_indices=True), w3(rows, experts, sorted_indices=True)
+    hidden = expert_hidden(gate, up, route, limit, x.dtype, fp8_activations)
+    return unsorted_sum(w2(hidden, experts, sorted_indices=True), order, indices.shape[1])
 
 
 class Gate(nn.Module):
