@@ -9,6 +9,9 @@ runs, mx.async_eval). Reported per context and mode:
   - head_ms: embedding + head + sampling of one token, timed in isolation; layer_ms = (step - head) / N;
   - full_depth: the 43-layer figure it implies, simple (head + 43 layer_ms) and by_kind (per kind of layer
     from the isolated block times, rescaled to the pipelined total, times the 43 layers' count of each);
+  - host_split: one step's Python graph building, MLX's encoding of its ops, and the GPU time left after
+    that, each step run alone (flash.host_split), with the step graph's op counts: at batch 1 the step is
+    bound by the host, and this shows by how much;
   - parts_ms: per layer (mean over the N layers) attention excluding the indexer, indexer, MoE, mHC,
     rest (norms), each called in isolation on the live caches (flash.layer_parts: each call evaluated on
     its own, so the parts carry per-call launch/synchronisation overhead that the pipelined loop hides:
@@ -17,10 +20,11 @@ runs, mx.async_eval). Reported per context and mode:
   - bytes per token (weights a token reads: routed experts k/E, one embedding row, everything else;
     plus the cache it reads at C) and the fraction of the bandwidth ceiling reached (ceiling time /
     measured time), for the N-layer model and the full depth.
-The caches advance during a run (warm-up + timed steps + 2 tokens per part repetition): a few dozen
-tokens past C, reported as context_end.
+The caches advance during a run (warm-up + timed steps + 6 split steps + 2 tokens per part repetition):
+a few dozen tokens past C, reported as context_end.
 
     python benchmarks/decode.py --recipe q2 --layers 8 [--contexts 4096,32768,131072] [--tokens 32]
+    python benchmarks/decode.py --recipe q2 --layers 43 --layer-mix first --shared-weights  # full depth
 """
 
 import sys
@@ -45,6 +49,8 @@ def parse(argv=None):
     parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (default %(default)s)")
     parser.add_argument("--part-reps", type=int, default=5,
                         help="repetitions of each isolated part; 0 skips the breakdown (default %(default)s)")
+    parser.add_argument("--no-host-split", dest="host_split", action="store_false",
+                        help="skip the build / encode / GPU-tail split of a step (flash.host_split)")
     return parser.parse_args(argv)
 
 
@@ -58,6 +64,7 @@ def measure(model, args, full, context, on, opts, bandwidth, weights, full_weigh
     head = flash.head_seconds(model)
     n = args.num_hidden_layers
     layer = max(step - head, 0.0) / n
+    split = flash.host_split(model, caches) if opts.host_split else None
     rows = flash.layer_parts(model, caches, reps=opts.part_reps) if opts.part_reps > 0 else None
     logits = flash.check_logits(model, caches)
     context_end = caches[0].offset
@@ -107,6 +114,7 @@ def measure(model, args, full, context, on, opts, bandwidth, weights, full_weigh
             "ms_by_kind": ms(full_by_kind),
             "tokens_per_s_by_kind": None if full_by_kind is None else 1 / full_by_kind,
         },
+        "host_split": split,
         "parts_ms": None if parts is None else {p: ms(v) for p, v in parts.items()},
         "parts_sum_ms": ms(parts_sum),
         "block_ms": ms(block),
@@ -133,7 +141,7 @@ def main(argv=None) -> dict:
     bandwidth = device["bandwidth_bytes_per_s"]
     weights = flash.weight_bytes_per_token(model)
     full_weights = flash.full_weight_bytes(full, opts.recipe)
-    config = flash.config_summary(args, full, opts.recipe, opts.layer_mix, overrides)
+    config = flash.config_summary(args, full, opts, overrides)
     config.update(tokens=opts.tokens, warmup=opts.warmup, part_reps=opts.part_reps, contexts=contexts,
                   compiled_decode=compiled.enabled())  # in effect on a GPU; DS4_MLX_COMPILE=0: eager
     results = {}

@@ -9,7 +9,11 @@ Model. The Flash config.json values (../shared/spec/ds4-flash.md section 1) with
       first, then CSA/HCA alternating); hash-routed layers round(3 N / 43), at least one;
   first: the first N layers of the real compress_ratios (0, 0, 4, 128, 4, ...; layers 0-2 hash-routed).
 Full-depth figures are given two ways: per-layer mean x 43 ("simple") and per kind x the 43 layers' count
-of that kind ("by_kind", when the N layers contain every kind).
+of that kind ("by_kind", when the N layers contain every kind). `--layers 43 --layer-mix first
+--shared-weights` runs the full depth itself on a card that cannot hold it: layers of one kind (compress
+ratio, hash routing) share one set of weights (5 sets, 9 GB in q2) while each keeps its own cache and
+routes its own tokens, so the step has the real model's ops, launches and cache traffic; only the weights
+read per token may hit in the GPU's L2 cache a little more often than in the real model.
 
 Weights. Random, with the dtypes and quantized layouts a `ds4-mlx convert --recipe R` model has
 (ds4_mlx/convert/recipes.py): routed experts affine 2-bit g128 (q2), affine 4-bit g64 (q4), mxfp4
@@ -29,13 +33,16 @@ real cache pays once per 256 rows, i.e. every 1024 tokens on CSA layers) in its 
 """
 
 import argparse
+import io
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -188,17 +195,19 @@ def kind_counts(args: ModelArgs) -> Dict[str, int]:
     return counts
 
 
-def config_summary(args: ModelArgs, full: ModelArgs, recipe: str, mix: str, overrides: dict) -> dict:
+def config_summary(args: ModelArgs, full: ModelArgs, opts, overrides: dict) -> dict:
     return {
-        "recipe": recipe,
+        "recipe": opts.recipe,
         "layers": args.num_hidden_layers,
-        "layer_mix": mix,
+        "layer_mix": opts.layer_mix,
+        "shared_weights": opts.shared_weights,
         "compress_ratios": args.compress_ratios[: args.num_hidden_layers],
         "hash_layers": args.num_hash_layers,
         "kinds": kind_counts(args),
         "full_depth_layers": full.num_hidden_layers,
         "full_depth_kinds": kind_counts(full),
         "overrides": overrides,
+        "mlx_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("MLX_", "DS4_MLX_"))},
     }
 
 
@@ -348,16 +357,23 @@ def _fill(root: nn.Module, prefix: str, targets: dict, args: ModelArgs, material
         mx.eval(root.parameters())
 
 
-def build_model(args: ModelArgs, recipe: str, seed: int = 0, materialize: bool = True) -> Model:
+def build_model(args: ModelArgs, recipe: str, seed: int = 0, materialize: bool = True,
+                shared: bool = False) -> Model:
     """A model of `args` with random weights in `recipe`'s layout. materialize=False: nothing is
-    evaluated (the arrays' shapes and dtypes, e.g. for byte counts, cost no memory)."""
+    evaluated (the arrays' shapes and dtypes, e.g. for byte counts, cost no memory). shared: layers of
+    one kind (compress ratio, hash routing) use the weights of the first layer of that kind."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     mx.random.seed(seed)
     targets = _targets(recipe)
     model = Model(args)
+    first_of_kind = {}
     for i, layer in enumerate(model.layers):
-        _fill(layer, f"layers.{i}.", targets, args, materialize)
+        kind = (args.compress_ratio(i), i < args.num_hash_layers)
+        template = first_of_kind.setdefault(kind, layer) if shared else layer
+        _fill(layer, f"layers.{i}.", targets, args, materialize and template is layer)
+        if template is not layer:
+            layer.update(template.parameters())
     for name in ("embed", "head", "norm", "hc_head"):
         holder = nn.Module()
         holder[name] = model[name]
@@ -395,8 +411,8 @@ def weight_bytes_per_token(model: Model) -> dict:
 
 
 def weight_bytes(model: Model) -> int:
-    """Resident bytes of all weights."""
-    return sum(a.nbytes for _, a in _leaves(model))
+    """Resident bytes of all weights (an array shared by layers counted once)."""
+    return sum({id(a): a.nbytes for _, a in _leaves(model)}.values())
 
 
 def matmul_params_per_token(model: Model) -> float:
@@ -614,6 +630,52 @@ def decode(model: Model, caches: List[WindowCache], steps: int, seed: int = 2) -
     return time.perf_counter() - start
 
 
+# primitives that launch nothing (op_count's "views"); the rest approximates the kernels launched
+VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Slice", "Transpose", "AsStrided", "StopGradient",
+         "Depends", "Flatten", "Unflatten", "Split"}
+_DOT_LABEL = re.compile(r'label ="([^"]+)", shape=rectangle')
+
+
+def count_ops(*outputs) -> dict:
+    """Primitive counts of the unevaluated graph behind `outputs` (mx.export_to_dot)."""
+    buffer = io.StringIO()
+    mx.export_to_dot(buffer, *outputs)
+    names = Counter(_DOT_LABEL.findall(buffer.getvalue()))
+    views = sum(v for k, v in names.items() if k in VIEWS)
+    total = sum(names.values())
+    return {"total": total, "views": views, "launching": total - views,
+            "by_primitive": dict(sorted(names.items(), key=lambda kv: -kv[1]))}
+
+
+def host_split(model: Model, caches: List[WindowCache], steps: int = 5) -> dict:
+    """Where a decode step's time goes, steps run one at a time (not pipelined), median ms of: `build`,
+    the Python that builds the step's graph; `encode`, mx.async_eval of it (MLX walks the graph and
+    encodes every op on the host, then returns); `gpu_tail`, the wait after that for the GPU to finish
+    (near zero when the GPU keeps up with the host). Plus the op counts of one step's graph (an extra,
+    untimed step). Advances the caches by steps + 1 tokens."""
+    token = mx.array([[5]], dtype=mx.int32)
+    times = {"build": [], "encode": [], "gpu_tail": []}
+    ops = None
+    for n in range(steps + 1):
+        mx.synchronize()
+        start = time.perf_counter()
+        token = mx.argmax(model.logits(model.hidden(token, caches))[0, -1]).astype(mx.int32).reshape(1, 1)
+        built = time.perf_counter()
+        if n == 0:
+            ops = count_ops(token, *[a for c in caches for a in c.arrays()])
+        evaluate_caches(caches)
+        mx.async_eval(token)
+        encoded = time.perf_counter()
+        mx.eval(token)
+        mx.synchronize()
+        if n:
+            for name, seconds in (("build", built - start), ("encode", encoded - built),
+                                  ("gpu_tail", time.perf_counter() - encoded)):
+                times[name].append(seconds * 1e3)
+    return {"ms": {name: median(v) for name, v in times.items()},
+            "ops": {k: ops[k] for k in ("total", "views", "launching")}}
+
+
 def head_seconds(model: Model, reps: int = 10) -> float:
     """Median seconds of the embedding lookup + mHC head + norm + LM head + log-softmax + argmax of one
     token, in isolation."""
@@ -654,10 +716,9 @@ def _indexer_work(attn, x, cache):
         out = [a for a in (rows, state.kv, state.score, iq, iw) if a is not None]
         keys = cache.index_keys.rows()
         if keys is not None and keys.shape[1] > indexer.topk:
-            query_pos = start + mx.arange(length)[:, None]
             select = getattr(attn, "_select", None)
             if select is not None:
-                out += list(select(iq, iw, keys, query_pos))
+                out += [a for a in select(iq, iw, keys, start) if a is not None]
             else:
                 scores = type(indexer).scores(iq, iw, keys)
                 out.append(mx.argpartition(-scores.astype(mx.float32), indexer.topk - 1, axis=-1)[..., : indexer.topk])
@@ -783,6 +844,9 @@ def make_parser(doc: str, layers_default: int = 8, recipe_default: str = "q2"):
                         help="custom kernels on, off (pure MLX), or both in the same run (default %(default)s)")
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in bytes/s for the ceilings "
                         "(default: 3.35e12 on an H100, 4.8e12 on an H200)")
+    parser.add_argument("--shared-weights", action="store_true",
+                        help="layers of one kind share one set of weights: the full depth on a card that cannot "
+                             "hold it (each layer still routes its own tokens and keeps its own cache)")
     parser.add_argument("--tiny", action="store_true", help="a tiny config that runs on the CPU in seconds")
     parser.add_argument("--config", help="ModelArgs overrides: a JSON object or a path to one (after --tiny)")
     parser.add_argument("--estimate", action="store_true",
@@ -806,7 +870,7 @@ def setup(opts, max_context: int, chunk: int = 2048):
         emit({"layers": args.num_hidden_layers, "compress_ratios": args.compress_ratios[: args.num_hidden_layers],
               "max_context": max_context, "estimate_gb": table}, None)
         raise SystemExit(0)
-    lazy = build_model(args, opts.recipe, opts.seed, materialize=False)
+    lazy = build_model(args, opts.recipe, opts.seed, materialize=False, shared=opts.shared_weights)
     estimate = memory_estimate(weight_bytes(lazy), args, max_context, chunk)
     del lazy
     log(f"[flash] {opts.recipe}, {args.num_hidden_layers} layers {args.compress_ratios[:args.num_hidden_layers]}: "
@@ -816,7 +880,7 @@ def setup(opts, max_context: int, chunk: int = 2048):
     if info.get("memory_bytes") and estimate["total"] > info["memory_bytes"]:
         log(f"[flash] WARNING: the estimate exceeds the device's {gb(info['memory_bytes'])} GB; use fewer --layers")
     start = time.perf_counter()
-    model = build_model(args, opts.recipe, opts.seed)
+    model = build_model(args, opts.recipe, opts.seed, shared=opts.shared_weights)
     log(f"[flash] built in {time.perf_counter() - start:.1f} s, {gb(weight_bytes(model))} GB of weights")
     return overrides, full, args, model, estimate
 

@@ -11,11 +11,8 @@ step takes at least the larger of this and the GPU's time.
     python benchmarks/op_count.py [--recipe q2] [--context 4096] [--tiny]
 """
 
-import io
-import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,22 +21,6 @@ import mlx.core as mx  # noqa: E402
 
 import flash  # noqa: E402
 from ds4_mlx.custom_kernels import backend  # noqa: E402
-
-VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Slice", "Transpose", "AsStrided", "StopGradient",
-         "Depends", "Flatten", "Unflatten", "Split"}
-LABEL = re.compile(r'label ="([^"]+)", shape=rectangle')
-
-
-def count(*outputs) -> dict:
-    """Primitive counts of the unevaluated graph behind `outputs`."""
-    buffer = io.StringIO()
-    mx.export_to_dot(buffer, *outputs)
-    names = Counter(LABEL.findall(buffer.getvalue()))
-    views = sum(v for k, v in names.items() if k in VIEWS)
-    total = sum(names.values())
-    return {"total": total, "views": views, "launching": total - views,
-            "by_primitive": dict(sorted(names.items(), key=lambda kv: -kv[1]))}
-
 
 def layer_counts(model, caches, token: int = 7) -> list:
     """Per layer: the counts of one token's step through it (the caches advance by the token)."""
@@ -53,7 +34,7 @@ def layer_counts(model, caches, token: int = 7) -> list:
         out = layer(streams, cache, ids)
         build = time.perf_counter() - start
         row = {"layer": i, "kind": flash.KINDS[model.args.compress_ratio(i)], "build_ms": build * 1e3}
-        row.update(count(out, *cache.arrays()))
+        row.update(flash.count_ops(out, *cache.arrays()))
         rows.append(row)
         mx.eval(out, cache.arrays())
         streams = out
@@ -65,7 +46,7 @@ def head_counts(model) -> dict:
     x = model.embed(token)
     streams = mx.broadcast_to(x[:, :, None], (1, 1, model.hc_mult, x.shape[-1]))
     logits = model.logits(streams)[0, -1]
-    return count(mx.argmax(logits - mx.logsumexp(logits, keepdims=True)))
+    return flash.count_ops(mx.argmax(logits - mx.logsumexp(logits, keepdims=True)))
 
 
 def main(argv=None) -> dict:
@@ -92,7 +73,7 @@ def main(argv=None) -> dict:
     finally:
         backend.set_enabled(initial)
     result = {"benchmark": "op_count", "device": flash.device_info(opts.bandwidth),
-              "config": flash.config_summary(args, full, opts.recipe, opts.layer_mix, overrides) | {
+              "config": flash.config_summary(args, full, opts, overrides) | {
                   "context": opts.context}, "results": results}
     flash.emit(result, opts.out)
     return result

@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     overrides, full, args, model, estimate = flash.setup(opts, max(lengths), opts.chunk)
     device = flash.device_info(opts.bandwidth)
     flop_params = flash.matmul_params_per_token(model)
-    config = flash.config_summary(args, full, opts.recipe, opts.layer_mix, overrides)
+    config = flash.config_summary(args, full, opts, overrides)
     warmup = opts.warmup if opts.warmup is not None else 2 * opts.chunk
     config.update(lengths=lengths, chunk=opts.chunk, warmup=warmup)
     results = {}

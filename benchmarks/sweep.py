@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     overrides, full, args, model, estimate = flash.setup(opts, opts.max_context, opts.chunk)
     device = flash.device_info(opts.bandwidth)
-    config = flash.config_summary(args, full, opts.recipe, opts.layer_mix, overrides)
+    config = flash.config_summary(args, full, opts, overrides)
     config.update(start=opts.start, max_context=opts.max_context, chunk=opts.chunk, gen_tokens=opts.gen_tokens,
                   frontiers=frontiers(opts.start, opts.max_context))
     rows = []

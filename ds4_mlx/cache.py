@@ -118,11 +118,15 @@ class WindowCache(_BaseCache):
         batch, length, dims = kv.shape
         if self.ring is None:
             self.ring = mx.zeros((batch, self.window, dims), dtype=kv.dtype)
-        oldest_first = (self.offset + mx.arange(self.window)) % self.window
-        keys = mx.concatenate([self.ring[:, oldest_first], kv], axis=1)
-        kept = min(length, self.window)
-        new_slots = (self.offset + length - kept + mx.arange(kept)) % self.window
-        self.ring[:, new_slots] = kv[:, length - kept :]
+        oldest = self.offset % self.window  # the ring slot of position offset - window
+        parts = [self.ring[:, oldest:], self.ring[:, :oldest], kv]
+        keys = mx.concatenate([p for p in parts if p.shape[1]], axis=1)
+        kept = min(length, self.window)  # the last `kept` rows go to slots from `first` on, wrapping
+        first = (self.offset + length - kept) % self.window
+        head = min(kept, self.window - first)
+        self.ring[:, first : first + head] = kv[:, length - kept : length - kept + head]
+        if head < kept:
+            self.ring[:, : kept - head] = kv[:, length - kept + head :]
         return keys
 
     def advance(self, length: int):

@@ -89,8 +89,29 @@ def test_rope_rotates_interleaved_pairs_of_the_trailing_dims_and_inverts():
     np.testing.assert_array_equal(np.array(y[..., :64]), np.array(x[..., :64]))
     # complex multiply by exp(i * position * inv_freq) on pairs (2i, 2i+1)
     z = np.array(x[..., 64:]).reshape(1, 5, 2, 32, 2)
-    angle = np.arange(7, 12)[:, None, None] * np.array(rope.inv_freq)
+    angle = np.arange(7, 12)[:, None, None] * np.array(yarn_inv_freq(64, args.rope_theta, None))
     want = (z[..., 0] + 1j * z[..., 1]) * np.exp(1j * angle)
     want = np.stack([want.real, want.imag], -1).reshape(1, 5, 2, 64)
     np.testing.assert_allclose(np.array(y[..., 64:]), want, atol=1e-5)
     np.testing.assert_allclose(np.array(rope(y, positions, inverse=True)), np.array(x), atol=1e-5)
+
+
+def _grid_and_midpoints(values: np.ndarray, limit: float) -> mx.array:
+    """A format's values, the midpoints between neighbours and the floats next to each midpoint."""
+    values = np.unique(values[np.isfinite(values)])
+    mids = (values[:-1] + values[1:]) / 2
+    x = np.concatenate([values, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)]).astype(np.float32)
+    return mx.array(x[np.abs(x) <= limit])
+
+
+def test_fp8_and_fp4_rounding_equal_the_grid_rounding():
+    """The round trips round with MLX's e4m3 conversion and a select-based e2m1 rounding: both equal
+    rounding to the format's grid (mantissa bits, smallest exponent, ties to even) at every value,
+    midpoint and float next to a midpoint."""
+    from ds4_mlx.layers.numerics import _e2m1, _e4m3, _round_to_grid
+
+    e4m3 = _grid_and_midpoints(np.array(mx.from_fp8(mx.arange(256).astype(mx.uint8), mx.float32)), 448)
+    np.testing.assert_array_equal(np.array(_e4m3(e4m3)), np.array(_round_to_grid(e4m3, 3, -6)))
+    magnitudes = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
+    e2m1 = _grid_and_midpoints(np.concatenate([magnitudes, -magnitudes]), 6)
+    np.testing.assert_array_equal(np.array(_e2m1(e2m1)), np.array(_round_to_grid(e2m1, 1, 0)))

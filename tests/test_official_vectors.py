@@ -29,11 +29,13 @@ class Runs:
         return mx.array(self.vectors[f"ids_L{length}"])[None]
 
     def _record(self, select):
-        def spy(attn, iq, iw, index_keys, query_pos):
-            picks, valid = select(attn, iq, iw, index_keys, query_pos)
+        def spy(attn, iq, iw, index_keys, first):
+            picks, valid = select(attn, iq, iw, index_keys, first)
             layer = self.choices.setdefault(self.owners[id(attn)], {})
-            for row, ok, pos in zip(np.array(picks)[0], np.array(valid)[0], np.array(query_pos).reshape(-1)):
-                layer[int(pos)] = set(row[ok].tolist())
+            rows = np.array(picks)[0]
+            ok_rows = np.ones(rows.shape, dtype=bool) if valid is None else np.array(valid)[0]
+            for j, (row, ok) in enumerate(zip(rows, ok_rows)):
+                layer[first + j] = set(row[ok].tolist())
             return picks, valid
         return spy
 

@@ -253,7 +253,7 @@ def decode_attention(q: mx.array, window_keys: mx.array, compressed: Optional[mx
     window_keys [B, W + Q, D]: `WindowCache.window_keys` (key i at position start - W + i; query
     j sees keys j + 1 .. j + W, those at negative positions are empty). compressed [B, N, D] or
     None: compressed rows, row w visible to position t when w < (t + 1) // ratio, unless
-    `selection` = (picks [B, Q, k], valid [B, Q, k]) gives each query its rows. sink [H] fp32.
+    `selection` = (picks [B, Q, k], valid [B, Q, k] or None: all valid) gives each query its rows. sink [H] fp32.
     Returns [B, Q, H, D] in q's dtype; `reference()` computes the same with pure-MLX ops.
     """
     batch, queries, heads, dims = q.shape
@@ -274,7 +274,8 @@ def decode_attention(q: mx.array, window_keys: mx.array, compressed: Optional[mx
     comp = compressed if n_rows else window_keys  # not read without rows
     picks = meta  # not read without a selection
     if selection is not None and n_rows:
-        picks = mx.where(selection[1], selection[0].astype(mx.int32), -1)
+        rows, valid = selection
+        picks = rows.astype(mx.int32) if valid is None else mx.where(valid, rows.astype(mx.int32), -1)
     threads = 32 * hq * KEY_STREAMS
     template = [("TQ", q.dtype), ("H", heads), ("D", dims), ("W", window), ("Q", queries), ("RATIO", ratio),
                 ("PICKS", selection is not None and n_rows > 0),

@@ -53,6 +53,7 @@ class Attention(nn.Module):
         group_in = self.n_heads * self.head_dim // self.groups
         self.wo_a = StackedLinear(group_in, self.o_rank, self.groups)
         self.wo_b = Linear(self.groups * self.o_rank, args.hidden_size)
+        self._group_ids = mx.arange(self.groups)  # not a parameter (leading underscore)
         self.attn_sink = mx.zeros((self.n_heads,), dtype=mx.float32)
         self.rope = RoPE(args, compressed=self.ratio > 0)
         if self.ratio:
@@ -81,7 +82,7 @@ class Attention(nn.Module):
         """Attention output [B, L, H, D] -> [B, L, dim]: inverse RoPE, grouped wo_a, wo_b."""
         batch, length = out.shape[:2]
         out = self.rope(out, positions, inverse=True).reshape(batch, length, self.groups, 1, -1)
-        out = self.wo_a(out, mx.arange(self.groups)).reshape(batch, length, -1)
+        out = self.wo_a(out, self._group_ids).reshape(batch, length, -1)
         return self.wo_b(fp8_input(out, self.args.fp8_activations))
 
     def __call__(self, x: mx.array, cache: WindowCache) -> mx.array:
@@ -134,12 +135,12 @@ class Attention(nn.Module):
     def _selection(self, index, start, a, b):
         """The indexer's picks for queries a..b-1 of the chunk (at positions start + a ..)."""
         iq, iw, index_keys = index
-        return self._select(iq[:, a:b], iw[:, a:b], index_keys, start + a + mx.arange(b - a)[:, None])
+        return self._select(iq[:, a:b], iw[:, a:b], index_keys, start + a)
 
     def _attend_block(self, q, first, keys, compressed, selection):
         """Queries at positions first.. (q [B, Q, H, D]) over their window keys [B, window+Q-1, D]
         (key j at position first - window + 1 + j) and the compressed rows: the indexer's picks
-        `selection` = (rows [B, Q, k], valid [B, Q, k]) on sparse CSA layers, else all visible rows."""
+        `selection` = (rows [B, Q, k], valid [B, Q, k] or None) on sparse CSA layers, else all visible rows."""
         n_queries = q.shape[1]
         query_pos = first + mx.arange(n_queries)[:, None]
         key_pos = first - self.window + 1 + mx.arange(keys.shape[1])[None]
@@ -162,20 +163,26 @@ class Attention(nn.Module):
         return scores, lambda p: p @ keys32
 
     def _per_query_keys(self, q32, rows, valid):
-        """Each query's own keys rows [B, Q, k, D] under valid [B, Q, k]."""
+        """Each query's own keys rows [B, Q, k, D] under valid [B, Q, k] (None: all valid)."""
         rows32 = rows.astype(mx.float32)
         scores = mx.swapaxes(mx.swapaxes(q32, 1, 2) @ mx.swapaxes(rows32, -1, -2), 1, 2) * self.scale
-        scores = mx.where(valid[:, None], scores, -mx.inf)
+        if valid is not None:
+            scores = mx.where(valid[:, None], scores, -mx.inf)
         return scores, lambda p: mx.swapaxes(mx.swapaxes(p, 1, 2) @ rows32, 1, 2)
 
-    def _select(self, iq, iw, index_keys, query_pos):
-        """Top-k visible compressed rows per query: (row indices [B, Q, k], valid [B, Q, k])."""
-        visible = mx.arange(index_keys.shape[1])[None] < (query_pos + 1) // self.ratio
-        scores = mx.where(visible, Indexer.scores(iq, iw, index_keys), -mx.inf)
+    def _select(self, iq, iw, index_keys, first: int):
+        """Top-k visible compressed rows for queries at positions first.. : (row indices [B, Q, k],
+        valid [B, Q, k], or None when every pick is valid: all rows visible to every query, as in a
+        decode step)."""
+        n_keys = index_keys.shape[1]
+        visible = [(first + j + 1) // self.ratio for j in range(iq.shape[1])]
+        masked = visible[0] < n_keys
+        scores = Indexer.scores(iq, iw, index_keys, visible if masked else None)
         k = self.indexer.topk
         picks = mx.argpartition(-scores.astype(mx.float32), k - 1, axis=-1)[..., :k]
-        valid = mx.take_along_axis(scores, picks, axis=-1) > -mx.inf
-        return picks, valid
+        if not masked:
+            return picks, None
+        return picks, mx.take_along_axis(scores, picks, axis=-1) > -mx.inf
 
     def _softmax_values(self, groups, dtype) -> mx.array:
         """One softmax over all key groups [(scores [B, H, Q, S], P -> P @ V)] plus the sink,

@@ -40,7 +40,11 @@ class Compressor(nn.Module):
         x32 = x.astype(mx.float32)
         kv = x32 @ self.wkv.weight.astype(mx.float32).T
         score = x32 @ self.wgate.weight.astype(mx.float32).T
-        ape = self.ape[(start + mx.arange(x.shape[1])) % self.ratio]
+        length = x.shape[1]
+        if length == 1:  # decode: the token's row of the position bias, without an index array
+            ape = self.ape[start % self.ratio][None]
+        else:
+            ape = self.ape[(start + mx.arange(length)) % self.ratio]
         return kv, score + ape
 
     def _pool(self, kv: mx.array, score: mx.array, state: CompressorState):

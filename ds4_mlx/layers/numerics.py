@@ -57,25 +57,41 @@ def _round_to_grid(y: mx.array, mantissa_bits: int, min_exponent: int) -> mx.arr
     return mx.round(y / quantum) * quantum
 
 
+def _e4m3(y: mx.array) -> mx.array:
+    """Round float32 y (|y| <= 448) to FP8 e4m3, ties to even, subnormals included: MLX's own
+    conversion (equal to _round_to_grid(y, 3, -6) on every e4m3 value and midpoint; tests)."""
+    return mx.from_fp8(mx.to_fp8(y), mx.float32)
+
+
+def _e2m1(y: mx.array) -> mx.array:
+    """Round float32 y (|y| <= 6) to FP4 e2m1 {0, 0.5, 1, 1.5, 2, 3, 4, 6}, ties to even: steps of
+    0.5 below 2, 1 below 4, 2 above (= _round_to_grid(y, 1, 0), without bit views; tests)."""
+    magnitude = mx.abs(y)
+    quantum = mx.where(magnitude < 2, 0.5, mx.where(magnitude < 4, 1.0, 2.0))
+    return mx.round(y / quantum) * quantum
+
+
+_ROUND = {"e4m3": _e4m3, "e2m1": _e2m1}  # by name: compiled functions take constants, not functions
+
+
 @fused_for_decode
-def _block_round_trip(x, block, fmt_max, amax_floor, mantissa_bits, min_exponent):
+def _block_round_trip(x, block, fmt_max, amax_floor, fmt):
     shape, dtype = x.shape, x.dtype
     blocks = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // block, block)
     amax = mx.maximum(mx.max(mx.abs(blocks), axis=-1, keepdims=True), amax_floor)
     scale = _pow2(_ceil_log2(amax * mx.array(1.0 / fmt_max, mx.float32)))
-    y = mx.clip(blocks / scale, -fmt_max, fmt_max)
-    y = _round_to_grid(y, mantissa_bits, min_exponent)
+    y = _ROUND[fmt](mx.clip(blocks / scale, -fmt_max, fmt_max))
     return (y * scale).reshape(shape).astype(dtype)
 
 
 def fp8_round_trip(x: mx.array, block: int) -> mx.array:
     """Quantize to FP8 e4m3 with one power-of-two scale per `block` values and back."""
-    return _block_round_trip(x, block, FP8_MAX, 1e-4, 3, -6)
+    return _block_round_trip(x, block, FP8_MAX, 1e-4, "e4m3")
 
 
 def fp4_round_trip(x: mx.array, block: int = 32) -> mx.array:
     """Quantize to FP4 e2m1 with one power-of-two scale per `block` values and back."""
-    return _block_round_trip(x, block, FP4_MAX, FP4_MAX * 2.0**-126, 1, 0)
+    return _block_round_trip(x, block, FP4_MAX, FP4_MAX * 2.0**-126, "e2m1")
 
 
 @lru_cache(maxsize=4)

@@ -40,30 +40,31 @@ class RoPE:
         self.dims = args.qk_rope_head_dim
         if compressed:
             scaling = args.rope_scaling if (args.rope_scaling or {}).get("type") == "yarn" else None
-            self.inv_freq = yarn_inv_freq(self.dims, args.compress_rope_theta, scaling)
+            inv_freq = yarn_inv_freq(self.dims, args.compress_rope_theta, scaling)
         else:
-            self.inv_freq = yarn_inv_freq(self.dims, args.rope_theta, None)
+            inv_freq = yarn_inv_freq(self.dims, args.rope_theta, None)
+        self.dim_freq = mx.repeat(inv_freq, 2)  # [dims]: each pair's frequency for both of its dims
 
     def __call__(self, x: mx.array, positions: mx.array, inverse: bool = False) -> mx.array:
         """x: [..., L, (heads,) D]; positions: [L] absolute positions of the L axis.
 
         `heads` is present when x has 4 dims ([B, L, H, D]); the rotation is the same for all.
         """
-        return _rotate(x, positions, self.inv_freq, inverse)
+        return _rotate(x, positions, self.dim_freq, _SIN_SIGN[inverse])
+
+
+# pair (re, im) -> (re cos - im sin, im cos + re sin), computed per dim as v cos + swapped(v) (sign sin)
+# with swapped(v) = (im, re) and sign = (-1, +1); the inverse rotation flips the sign
+_SIN_SIGN = {False: mx.array([-1.0, 1.0]), True: mx.array([1.0, -1.0])}
 
 
 @fused_for_decode
-def _rotate(x: mx.array, positions: mx.array, inv_freq: mx.array, inverse: bool) -> mx.array:
-    dims = 2 * inv_freq.shape[0]
-    angles = positions.astype(mx.float32)[:, None] * inv_freq  # [L, dims/2]
-    cos, sin = mx.cos(angles), mx.sin(angles)
-    if inverse:
-        sin = -sin
+def _rotate(x: mx.array, positions: mx.array, dim_freq: mx.array, sin_sign: mx.array) -> mx.array:
+    dims = dim_freq.shape[0]
+    angles = positions.astype(mx.float32)[:, None] * dim_freq  # [L, dims]
+    cos, sin = mx.cos(angles), (mx.sin(angles).reshape(-1, dims // 2, 2) * sin_sign).reshape(-1, dims)
     if x.ndim == 4:
         cos, sin = cos[:, None], sin[:, None]
-    nope, rot = x[..., :-dims], x[..., -dims:]
-    pairs = rot.astype(mx.float32).reshape(*rot.shape[:-1], dims // 2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = mx.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
-    rotated = rotated.reshape(rot.shape).astype(x.dtype)
-    return mx.concatenate([nope, rotated], axis=-1)
+    nope, rot = x[..., :-dims], x[..., -dims:].astype(mx.float32)
+    swapped = rot.reshape(*rot.shape[:-1], dims // 2, 2)[..., ::-1].reshape(rot.shape)
+    return mx.concatenate([nope, (rot * cos + swapped * sin).astype(x.dtype)], axis=-1)
