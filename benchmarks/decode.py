@@ -12,6 +12,8 @@ runs, mx.async_eval). Reported per context and mode:
   - host_split: one step's Python graph building, MLX's encoding of its ops, and the GPU time left after
     that, each step run alone (flash.host_split), with the step graph's op counts: at batch 1 the step is
     bound by the host, and this shows by how much;
+  - with --compiled-ab, `on_eager`: the kernels-on figures with the compiled decode graphs off
+    (ds4_mlx/layers/compiled.py), and compiled_speedup = eager step / compiled step;
   - parts_ms: per layer (mean over the N layers) attention excluding the indexer, indexer, MoE, mHC,
     rest (norms), each called in isolation on the live caches (flash.layer_parts: each call evaluated on
     its own, so the parts carry per-call launch/synchronisation overhead that the pipelined loop hides:
@@ -49,6 +51,9 @@ def parse(argv=None):
     parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (default %(default)s)")
     parser.add_argument("--part-reps", type=int, default=5,
                         help="repetitions of each isolated part; 0 skips the breakdown (default %(default)s)")
+    parser.add_argument("--compiled-ab", action="store_true",
+                        help="also time the kernels-on step with the compiled decode graphs off (eager graphs), "
+                             "same run: results[context]['on_eager'] and 'compiled_speedup'")
     parser.add_argument("--no-host-split", dest="host_split", action="store_false",
                         help="skip the build / encode / GPU-tail split of a step (flash.host_split)")
     return parser.parse_args(argv)
@@ -145,7 +150,7 @@ def main(argv=None) -> dict:
     config.update(tokens=opts.tokens, warmup=opts.warmup, part_reps=opts.part_reps, contexts=contexts,
                   compiled_decode=compiled.enabled())  # in effect on a GPU; DS4_MLX_COMPILE=0: eager
     results = {}
-    initial = backend.enabled()
+    initial, compiled_initial = backend.enabled(), compiled.enabled()
     try:
         for context in contexts:
             entry = {}
@@ -162,6 +167,17 @@ def main(argv=None) -> dict:
                 entry["speedup"] = {"step": off_r["step_ms"] / on_r["step_ms"],
                                     "layer": off_r["layer_ms"] / on_r["layer_ms"] if on_r["layer_ms"] else None,
                                     "full_depth_simple": off_full / on_full}
+            if opts.compiled_ab and "on" in entry:
+                flash.log(f"[decode] context {context}, kernels on, eager graphs (compiled decode graphs off)")
+                compiled.set_enabled(False)
+                try:
+                    entry["on_eager"] = measure(model, args, full, context, True, opts, bandwidth, weights,
+                                                full_weights)
+                finally:
+                    compiled.set_enabled(compiled_initial)
+                entry["compiled_speedup"] = entry["on_eager"]["step_ms"] / entry["on"]["step_ms"]
+                flash.log(f"[decode]   {entry['on_eager']['tokens_per_s']:.2f} tokens/s eager; compiled graphs "
+                          f"x{entry['compiled_speedup']:.3f}")
             results[str(context)] = entry
     finally:
         backend.set_enabled(initial)

@@ -5,7 +5,8 @@ chunks of --chunk tokens) and the generation speed of --gen-tokens decode steps 
 step). The decode steps stay in the cache, so the next step prefills from the frontier + gen tokens + 1.
 
 Writes a CSV (one row per kernel mode and frontier, N-layer and implied full-depth tokens/s) and, if
-matplotlib is installed, a PNG of full-depth tokens/s against context; prints the same as JSON.
+matplotlib is installed (`pip install -e '.[bench]'`), a PNG of full-depth tokens/s against context; prints
+the same as JSON.
 
     python benchmarks/sweep.py --recipe q2 --layers 8 [--max-context 131072] [--csv sweep.csv] [--png sweep.png]
 """

@@ -124,6 +124,39 @@ def test_decode(tmp_path):
     assert 0 < w["model"] < r["memory"]["weights_resident_bytes"] and w["full_depth"] > w["model"]
 
 
+def test_shared_weights_alias_layers_of_one_kind():
+    """--shared-weights: layers of one kind (ratio, hash routing) hold the same arrays; resident bytes
+    count them once, the bytes a token reads count every layer."""
+    args = flash.bench_args(flash.full_args(flash.parse_overrides(True, None)), 6, "first")
+    shared = flash.build_model(args, "q2", materialize=False, shared=True)
+    own = flash.build_model(args, "q2", materialize=False)
+    assert args.compress_ratios[:6] == [0, 4, 128, 4, 128, 4] and args.num_hash_layers == 1
+    layers = shared.layers
+    same = lambda a, b: mx.array_equal(a, b).item()  # noqa: E731
+    assert same(layers[1].attn.wq_a.weight, layers[5].attn.wq_a.weight)  # CSA
+    assert same(layers[2].ffn.gate.weight, layers[4].ffn.gate.weight)  # HCA
+    assert "tid2eid" in layers[0].ffn.gate and "tid2eid" not in layers[1].ffn.gate  # layer 0: hash-routed kind
+    assert not same(own.layers[3].attn.wq_a.weight, own.layers[5].attn.wq_a.weight)
+    assert flash.weight_bytes(shared) < flash.weight_bytes(own)
+    assert flash.weight_bytes_per_token(shared)["total"] == flash.weight_bytes_per_token(own)["total"]
+
+
+def test_decode_host_split_and_compiled_ab():
+    from ds4_mlx.layers import compiled
+
+    r = load("decode").main(TINY + ["--layers", "6", "--layer-mix", "first", "--shared-weights", "--contexts", "40",
+                                    "--tokens", "2", "--warmup", "1", "--part-reps", "0", "--kernels", "on",
+                                    "--compiled-ab"])
+    assert r["config"]["shared_weights"] and compiled.enabled()  # restored
+    entry = r["results"]["40"]
+    assert set(entry) == {"on", "on_eager", "compiled_speedup"} and entry["compiled_speedup"] > 0
+    for mode in ("on", "on_eager"):
+        split = entry[mode]["host_split"]
+        assert split["ms"]["build"] > 0 and split["ms"]["encode"] > 0 and split["ms"]["gpu_tail"] >= 0
+        ops = split["ops"]
+        assert ops["launching"] > 0 and ops["total"] == ops["launching"] + ops["views"]
+
+
 def test_prefill():
     r = load("prefill").main(TINY + ["--lengths", "150", "--chunk", "64", "--kernels", "both"])
     entry = r["results"]["150"]
@@ -148,6 +181,8 @@ def test_sweep(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and float(rows[-1]["gen_tps"]) > 0
     assert (r["png"] is None) == (importlib.util.find_spec("matplotlib") is None)
+    if r["png"] is not None:
+        assert Path(r["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_op_count():
