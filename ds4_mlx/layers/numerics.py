@@ -31,12 +31,6 @@ def fused_for_decode(fn):
     return call
 
 
-def _pow2_exponent(x: mx.array) -> mx.array:
-    """floor(log2(|x|)) of normal float32 values, read from the exponent bits."""
-    bits = mx.abs(x).astype(mx.float32).view(mx.uint32)
-    return (bits >> 23).astype(mx.int32) - 127
-
-
 def _pow2(exponent: mx.array) -> mx.array:
     """2**exponent as float32, built from the exponent bits (exponent in [-126, 127])."""
     return ((exponent + 127) << 23).astype(mx.uint32).view(mx.float32)
@@ -49,23 +43,15 @@ def _ceil_log2(x: mx.array) -> mx.array:
     return exponent + ((bits & 0x7FFFFF) != 0).astype(mx.int32)
 
 
-def _round_to_grid(y: mx.array, mantissa_bits: int, min_exponent: int) -> mx.array:
-    """Round float32 y to the nearest value with `mantissa_bits` explicit mantissa bits
-    and no exponent below `min_exponent` (subnormals), ties to even."""
-    exponent = mx.maximum(_pow2_exponent(y), min_exponent)
-    quantum = _pow2(exponent - mantissa_bits)
-    return mx.round(y / quantum) * quantum
-
-
 def _e4m3(y: mx.array) -> mx.array:
-    """Round float32 y (|y| <= 448) to FP8 e4m3, ties to even, subnormals included: MLX's own
-    conversion (equal to _round_to_grid(y, 3, -6) on every e4m3 value and midpoint; tests)."""
+    """Round float32 y (|y| <= 448) to FP8 e4m3 (3 mantissa bits, subnormals below 2^-6), ties to
+    even: MLX's own conversion (tests compare it with a grid rounding at every value and midpoint)."""
     return mx.from_fp8(mx.to_fp8(y), mx.float32)
 
 
 def _e2m1(y: mx.array) -> mx.array:
     """Round float32 y (|y| <= 6) to FP4 e2m1 {0, 0.5, 1, 1.5, 2, 3, 4, 6}, ties to even: steps of
-    0.5 below 2, 1 below 4, 2 above (= _round_to_grid(y, 1, 0), without bit views; tests)."""
+    0.5 below 2, 1 below 4, 2 above (tests compare it with a grid rounding at every value and midpoint)."""
     magnitude = mx.abs(y)
     quantum = mx.where(magnitude < 2, 0.5, mx.where(magnitude < 4, 1.0, 2.0))
     return mx.round(y / quantum) * quantum
