@@ -1,5 +1,7 @@
-"""Compiled decode graphs (layers/compiled.py): the same logits as the eager model, traced once per
-shape (eager first), retraced when the kernel switch changes, and not holding a dropped model alive."""
+"""Compiled decode graphs (layers/compiled.py), with the fused element-wise helpers they contain
+(numerics.fused_for_decode: RoPE, FP8/FP4 round trips), forced on the CPU: the same logits as the
+eager model, traced once per shape (eager first), retraced when the kernel switch changes, and not
+holding a dropped model alive."""
 
 import gc
 import weakref

@@ -42,6 +42,11 @@ def enabled() -> bool:
     return _enabled
 
 
+def on_device() -> bool:
+    """Whether the default device is one that compiles decode graphs: a GPU (tests: also the CPU)."""
+    return mx.default_device() == mx.gpu or _cpu
+
+
 def decode_graph(module, method: str):
     """module.method(*arrays), compiled for decode-sized calls; holds the module weakly (no cycle
     keeps a dropped model's weights alive)."""
@@ -56,8 +61,7 @@ def decode_graph(module, method: str):
 
     def call(*arrays):
         lead = arrays[0].shape
-        if (not _enabled or (mx.default_device() != mx.gpu and not _cpu)
-                or len(lead) < 2 or lead[0] * lead[1] > MAX_TOKENS):
+        if not _enabled or not on_device() or len(lead) < 2 or lead[0] * lead[1] > MAX_TOKENS:
             return fn(*arrays)
         switch = backend.enabled()
         key = (switch, tuple((a.shape, a.dtype) for a in arrays))

@@ -11,21 +11,24 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import compiled
+
 FP8_MAX = 448.0  # largest e4m3 value
 DECODE_SIZE = 1 << 16  # elements: inputs up to this size are decode-sized
 FP4_MAX = 6.0  # largest e2m1 value
 
 
 def fused_for_decode(fn):
-    """`fn` with its chain of element-wise ops fused by `mx.compile` where it pays: on a GPU, for
-    decode-sized inputs (one kernel launch instead of one per op; shapes repeat every step). Large
-    (prefill) inputs, whose shapes vary and whose launches are amortised, and the CPU run `fn` as
-    written. Non-array arguments must be hashable constants (they key the compiled graph)."""
-    compiled = mx.compile(fn)
+    """`fn` with its chain of element-wise ops fused by `mx.compile` where it pays: on a GPU (and on the
+    CPU when tests force compiled graphs there; compiled.on_device), for decode-sized inputs: one kernel
+    launch instead of one per op, and shapes repeat every step. Large (prefill) inputs, whose shapes vary
+    and whose launches are amortised, run `fn` as written. Non-array arguments must be hashable
+    constants such as numbers or strings (they key the compiled graph; not functions)."""
+    fused = mx.compile(fn)
 
     def call(x: mx.array, *args):
-        if x.size <= DECODE_SIZE and mx.default_device() == mx.gpu:
-            return compiled(x, *args)
+        if x.size <= DECODE_SIZE and compiled.on_device():
+            return fused(x, *args)
         return fn(x, *args)
 
     return call
