@@ -33,24 +33,28 @@ class Block(nn.Module):
         self._attention_input = decode_graph(self, "attention_input")
         self._feed_forward = decode_graph(self, "feed_forward")
 
-    def attention_input(self, streams: mx.array):
-        """streams [B, L, hc, dim] -> (normed attention input [B, L, dim], post, comb)."""
+    def attention_input(self, streams: mx.array, positions: mx.array):
+        """streams [B, L, hc, dim] -> (normed attention input x [B, L, dim], post, comb, and the
+        attention's projections of x: Attention.project)."""
         x, post, comb = self.hc_attn.collapse(streams)
-        return self.attn_norm(x), post, comb
+        x = self.attn_norm(x)
+        return (x, post, comb, *self.attn.project(x, positions))
 
-    def feed_forward(self, out, streams, post, comb, token_ids) -> mx.array:
-        """The attention output folded into the streams, then the MoE sub-block: new streams."""
-        streams = HyperConnection.expand(out, streams, post, comb)
+    def feed_forward(self, out, positions, streams, post, comb, token_ids) -> mx.array:
+        """The attention output [B, L, H, D] projected (Attention.output) and folded into the streams,
+        then the MoE sub-block: new streams."""
+        streams = HyperConnection.expand(self.attn.output(out, positions), streams, post, comb)
         x, post, comb = self.hc_ffn.collapse(streams)
         out = self.ffn(self.ffn_norm(x), token_ids)
         return HyperConnection.expand(out, streams, post, comb)
 
     def __call__(self, streams: mx.array, cache: WindowCache, token_ids: mx.array) -> mx.array:
         """streams [B, L, hc, dim] -> streams [B, L, hc, dim]. Around the attention's cache work,
-        the stateless parts run as compiled graphs when decoding on a GPU (layers/compiled.py)."""
-        x, post, comb = self._attention_input(streams)
-        out = self.attn(x, cache)
-        return self._feed_forward(out, streams, post, comb, token_ids)
+        the stateless parts run as two compiled graphs when decoding on a GPU (layers/compiled.py)."""
+        positions = cache.offset + mx.arange(streams.shape[1])
+        x, post, comb, *projections = self._attention_input(streams, positions)
+        out = self.attn.attend(x, projections, cache)
+        return self._feed_forward(out, positions, streams, post, comb, token_ids)
 
 
 class MTPBlock(Block):

@@ -86,12 +86,17 @@ class Attention(nn.Module):
         return self.wo_b(fp8_input(out, self.args.fp8_activations))
 
     def __call__(self, x: mx.array, cache: WindowCache) -> mx.array:
-        length = x.shape[1]
-        start = cache.offset
-        positions = start + mx.arange(length)
-        q, kv, *index_inputs = self._project(x, positions)  # index_inputs: CSA layers' (queries, weights)
-        window_keys = cache.window_keys(kv)
+        """x [B, L, dim] at the cache's position -> [B, L, dim]; advances the cache. (The model's
+        blocks run the same three steps, with project and output inside their compiled graphs.)"""
+        positions = cache.offset + mx.arange(x.shape[1])
+        return self._output(self.attend(x, self._project(x, positions), cache), positions)
 
+    def attend(self, x: mx.array, projections, cache: WindowCache) -> mx.array:
+        """The cache's part: x [B, L, dim] and its `project` outputs -> the attention output before
+        `output` [B, L, H, D]; writes the new rows to the cache and advances it."""
+        q, kv, *index_inputs = projections  # index_inputs: CSA layers' (queries, weights)
+        start, length = cache.offset, x.shape[1]
+        window_keys = cache.window_keys(kv)
         compressed = index = None
         if self.ratio:
             compressed = self._compress(self.compressor, x, start, cache.compressor, cache.entries)
@@ -99,7 +104,7 @@ class Attention(nn.Module):
             index_keys = self._compress(self.indexer.compressor, x, start, cache.index_compressor, cache.index_keys)
             index = (*index_inputs, index_keys)
         cache.advance(length)
-        return self._output(self._attend(q, start, window_keys, compressed, index), positions)
+        return self._attend(q, start, window_keys, compressed, index)
 
     @staticmethod
     def _compress(compressor, x, start, state, buffer) -> Optional[mx.array]:
