@@ -1,7 +1,7 @@
 """Operations in one decode step of each kind of layer (window, CSA, HCA) and of the head, custom kernels
 on and off: the graph MLX evaluates per token, counted by primitive (mx.export_to_dot). At batch 1 the
-decode step is bound by these counts (each launch costs microseconds of graph building and dispatch,
-`../shared/gpu/README.md`), not by the bytes read, so this is the figure that explains decode speed.
+decode step is bound by these counts (each op costs microseconds of graph building and encoding on the
+host: decode.py's host_split), not by the bytes read, so this is the figure that explains decode speed.
 
 "views" are primitives that normally launch nothing (broadcasts, reshapes, slices, transposes ...);
 "launching" is the rest, which approximates the kernels launched. build_ms: the Python time to build
@@ -21,6 +21,7 @@ import mlx.core as mx  # noqa: E402
 
 import flash  # noqa: E402
 from ds4_mlx.custom_kernels import backend  # noqa: E402
+
 
 def layer_counts(model, caches, token: int = 7) -> list:
     """Per layer: the counts of one token's step through it (the caches advance by the token)."""

@@ -8,12 +8,10 @@ graph is traced once per input shape and then replayed from C++, and its element
 Each new shape runs eagerly once first, so a custom kernel's first-use build check
 (custom_kernels.backend.Kernel.run) happens outside tracing.
 
-Measured (H200, q2, all 43 layers with shared weights, 4K context, kernels on, one run: benchmarks/decode.py
---compiled-ab): a pipelined step of 75.8 ms compiled against 113.6 ms eager; per step 15.9 vs 37.9 ms of
-graph building and 40.1 vs 72.5 ms of MLX encoding (7,947 vs 9,530 graph nodes), with four compiled graphs
-per layer (now two: Block.attention_input and Block.feed_forward; not measured yet). The first compiled
-step (the second decode step after a load) traces and JIT-compiles the fused kernels once: ~26 s on an
-H100 (4 layers), after the ~17-20 s the first (eager) step spends building MLX's own kernels.
+`python benchmarks/decode.py --kernels on --compiled-ab` measures the step with and without them in
+one run. The first compiled step (the second decode step after a load) traces and JIT-compiles the fused
+kernels once: ~26 s on an H100 (4 layers), after the ~17-20 s the first (eager) step spends building
+MLX's own kernels.
 
 Weights are read when the graph is traced (compiled graphs hold them as constants): the model's weights
 must be in place before its first decode step, as `load` does. Prefill-sized calls and the CPU run the
