@@ -1,6 +1,6 @@
 """Routed experts over many tokens (prefill) at Flash shapes: the reference (gather_qmm on the quantized
 experts) against the wrapper's choice (custom_kernels/moe_prefill.py for affine experts on CUDA:
-dequantize in blocks of experts, then gather_mm), per recipe and token count, in the same run.
+grouped tensor-core products that read the quantized experts), per recipe and token count, in the same run.
 
 For each recipe (its routed-expert format) and token count N: random experts [256, 2048, 4096] in that
 format, x [N, 4096] bf16, 6 experts per token drawn uniformly; the median of --reps timed calls of each
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
             results.append(row)
     result = {"benchmark": "moe_prefill", "device": flash.device_info(), "kernel_backend": backend.backend(),
               "config": {"experts": count, "dim": dim, "inter": inter, "k": k, "reps": opts.reps,
-                         "expert_block": moe_kernels.moe_prefill.EXPERT_BLOCK,
+                         "tile": [moe_kernels.moe_prefill.BM, moe_kernels.moe_prefill.BN, moe_kernels.moe_prefill.BK],
                          "prefill_rows": moe_kernels.moe_prefill.PREFILL_ROWS},
               "results": results}
     flash.emit(result, opts.out)

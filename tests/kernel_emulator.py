@@ -1,7 +1,8 @@
 """Runs ds4-mlx kernels on the CPU: the CUDA flavour of a kernel, compiled by the host C++
 compiler against a stub of the CUDA builtins, with one host thread per GPU thread (blocks one
 after another, `__shared__` as statics, barriers and warp shuffles through std::barrier).
-Every launch also compiles the Metal flavour of the same configuration against a Metal stub.
+Every launch also compiles the Metal flavour of the same configuration against a Metal stub (kernels
+written for CUDA only, `Kernel.backends`, excepted).
 
 This checks what CI can check without a GPU: that both generated sources are valid C++, and
 that the kernel computes what its reference computes. `emulate(monkeypatch)` routes every
@@ -73,6 +74,36 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
+using std::min;
+using std::max;
+#define __align__(n) __attribute__((aligned(n)))
+struct uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+// nvcuda::wmma for 16 x 16 x 16 tiles: lane 0 of each warp holds, computes and stores the whole tile
+#define K_HOST_STUB
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment { float v[256]; };
+template <typename F> void fill_fragment(F& f, float value) { for (float& e : f.v) e = value; }
+template <typename T> void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ld) {
+  for (int m = 0; m < 16; ++m) for (int k = 0; k < 16; ++k) f.v[m * 16 + k] = float(p[m * ld + k]);
+}
+template <typename T> void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ld) {
+  for (int k = 0; k < 16; ++k) for (int n = 0; n < 16; ++n) f.v[k * 16 + n] = float(p[n * ld + k]);
+}
+template <typename A, typename B, typename C> void mma_sync(C& d, const A& a, const B& b, const C& c) {
+  if ((threadIdx.x & 31u) != 0u) return;
+  for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) {
+    float sum = c.v[m * 16 + n];
+    for (int k = 0; k < 16; ++k) sum += a.v[m * 16 + k] * b.v[k * 16 + n];
+    d.v[m * 16 + n] = sum;
+  }
+}
+template <typename C> void store_matrix_sync(float* p, const C& f, unsigned ld, layout_t) {
+  if ((threadIdx.x & 31u) == 0u) for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) p[m * ld + n] = f.v[m * 16 + n];
+}
+}}
 """
 
 METAL_STUB = COMMON_STUB + r"""
@@ -183,7 +214,8 @@ def emulated_launch(self, backend_name, inputs, template, grid, threadgroup, out
     """`Kernel.launch` on the CPU (both flavours compiled; the CUDA one run)."""
     inputs = [mx.array(a) if not isinstance(a, mx.array) else a for a in inputs]
     mx.eval(inputs)
-    check_metal(self, inputs, template, output_dtypes)
+    if "metal" in self.backends:
+        check_metal(self, inputs, template, output_dtypes)
     lib = ctypes.CDLL(str(_compile(cuda_source(self, inputs, template, output_dtypes), shared=True)))
     host_in = [_to_numpy(a) for a in inputs]
     host_out = [np.zeros(s, dtype=NUMPY_VIEW[d][1] if d in NUMPY_VIEW else np.dtype(str(d).split(".")[-1]))

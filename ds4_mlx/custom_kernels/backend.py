@@ -118,6 +118,7 @@ class Kernel:
     outputs: Sequence[str]
     body: str
     header: str = ""
+    backends: Tuple[str, ...] = ("cuda", "metal")
     _built: Dict[str, Callable] = field(default_factory=dict, repr=False)
     _checked: Dict[tuple, bool] = field(default_factory=dict, repr=False)
 
@@ -145,7 +146,7 @@ class Kernel:
         """The kernel's outputs on the current backend, or `reference()` where there is no GPU
         backend or the kernel failed to build (logged once per kernel configuration)."""
         name = backend()
-        if name is None:
+        if name not in self.backends:
             return reference()
         key = (name, tuple((k, str(v)) for k, v in template), tuple(a.dtype for a in inputs))
         if self._checked.get(key) is False:
@@ -163,10 +164,29 @@ class Kernel:
 
 
 KERNELS: List[Kernel] = []
+_FLOATS: Dict[float, mx.array] = {}
 
 
-def kernel(name: str, inputs: Sequence[str], outputs: Sequence[str], body: str, header: str = "") -> Kernel:
-    """Define and register a kernel (the registry lets the tests compile every kernel)."""
-    k = Kernel(name, inputs, outputs, body, header)
+def fill(text: str, **values) -> str:
+    """Replace each @NAME@ in a kernel source template by values[NAME]."""
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", value)
+    assert "@" not in text, text
+    return text
+
+
+def float_input(value: float) -> mx.array:
+    """A float as a 1-element fp32 kernel input (template arguments cannot be floats), one array per value."""
+    key = float(value)
+    if key not in _FLOATS:
+        _FLOATS[key] = mx.array([key], dtype=mx.float32)
+    return _FLOATS[key]
+
+
+def kernel(name: str, inputs: Sequence[str], outputs: Sequence[str], body: str, header: str = "",
+           backends: Tuple[str, ...] = ("cuda", "metal")) -> Kernel:
+    """Define and register a kernel (the registry lets the tests compile every kernel). `backends`: where
+    it runs (a kernel written for one backend's matrix units only: ("cuda",); elsewhere, the reference)."""
+    k = Kernel(name, inputs, outputs, body, header, backends)
     KERNELS.append(k)
     return k

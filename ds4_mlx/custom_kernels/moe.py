@@ -26,7 +26,7 @@ Staging a token's x / the K hidden rows (from L2) costs far less than the weight
 streams (16 rows per group by default). Experts picked by several tokens are read once per token (from
 L2 the second time when their groups run together). The pure-MLX reference
 (`layers.moe.routed_experts_reference`) runs for other quantization modes, unquantized weights,
-more than MAX_TOKENS tokens (prefill: gather_qmm, or moe_prefill's dequantized grouped product for
+more than MAX_TOKENS tokens (prefill: gather_qmm, or moe_prefill's grouped tensor-core products for
 affine experts on CUDA), without a GPU backend, or when a kernel fails
 to build. The shared expert stays with MLX (its own QuantizedLinear / Linear calls).
 """
@@ -117,16 +117,8 @@ if (TID < 16u) {
 MODES = {"affine": _AFFINE, "mxfp4": _MXFP4}
 
 
-def _fill(text: str, **values) -> str:
-    """Replace each @NAME@ in `text` by values[NAME]."""
-    for name, value in values.items():
-        text = text.replace(f"@{name}@", value)
-    assert "@" not in text, text
-    return text
-
-
 def _dot(mode, acc, w, s, b):
-    return _fill(MODES[mode]["dot"], ACC=acc, W=w, S=s, B=b)
+    return backend.fill(MODES[mode]["dot"], ACC=acc, W=w, S=s, B=b)
 
 
 def _gate_up_body(mode: str) -> str:
@@ -192,7 +184,7 @@ for (int r = 0; r < RA; ++r) {
   }
 }
 """
-    return _fill(body, PRESCALE=m["prescale"], STORE_SUM=_fill(m["sum"], AT="w"), LOAD_SUM=_fill(m["load_sum"], AT="w"),
+    return backend.fill(body, PRESCALE=m["prescale"], STORE_SUM=backend.fill(m["sum"], AT="w"), LOAD_SUM=backend.fill(m["load_sum"], AT="w"),
                  DOT1=_dot(mode, "g[r]", "w1", "s1", "b1"), DOT3=_dot(mode, "u[r]", "w3", "s3", "b3"))
 
 
@@ -272,8 +264,8 @@ if (LANE == 0u) {
   for (int r = 0; r < RB; ++r) out[n * uint(DIM) + row0 + uint(r)] = tot[r];
 }
 """
-    return _fill(body, PRESCALE=m["prescale"], STORE_SUM=_fill(m["sum"], AT="t"),
-                 LOAD_SUM=_fill(m["load_sum"], AT="uint(k) * uint(WPR) + w"),
+    return backend.fill(body, PRESCALE=m["prescale"], STORE_SUM=backend.fill(m["sum"], AT="t"),
+                 LOAD_SUM=backend.fill(m["load_sum"], AT="uint(k) * uint(WPR) + w"),
                  DOT2=_dot(mode, "acc[k * RB + r]", "w2", "s2", "b2"))
 
 
@@ -323,17 +315,6 @@ def _geometry(rows: int, warps: int, per_warp: int):
     return None
 
 
-_LIMITS = {}
-
-
-def _limit(limit: float) -> mx.array:
-    """The SwiGLU limit as a 1-element fp32 input (template arguments cannot be floats)."""
-    key = float(limit)
-    if key not in _LIMITS:
-        _LIMITS[key] = mx.array([key], dtype=mx.float32)
-    return _LIMITS[key]
-
-
 def _shared_limit() -> int:
     return SHARED_BYTES.get(backend.backend(), 32 * 1024)
 
@@ -350,7 +331,7 @@ def gate_up(x: mx.array, weights: mx.array, indices: mx.array, w1, w3, fmt: Form
     warps, rows = geometry
     affine = fmt.mode == "affine"
     ins = [x, w1.weight, w1.scales] + ([w1.biases] if affine else []) + [w3.weight, w3.scales]
-    ins += ([w3.biases] if affine else []) + [indices.reshape(-1), weights.reshape(-1), _limit(limit)]
+    ins += ([w3.biases] if affine else []) + [indices.reshape(-1), weights.reshape(-1), backend.float_input(limit)]
     out = GATE_UP[fmt.mode].run(
         ins, [("T", x.dtype), ("BITS", fmt.bits), ("GS", fmt.group_size), ("DIM", dim), ("INTER", inter), ("K", k),
               ("NT", 32 * warps), ("RA", rows), ("CLAMP", bool(limit > 0))],
