@@ -74,6 +74,7 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 using std::min;
 using std::max;
 #define __align__(n) __attribute__((aligned(n)))
@@ -101,7 +102,8 @@ template <typename A, typename B, typename C> void mma_sync(C& d, const A& a, co
   }
 }
 template <typename C> void store_matrix_sync(float* p, const C& f, unsigned ld, layout_t) {
-  if ((threadIdx.x & 31u) == 0u) for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) p[m * ld + n] = f.v[m * 16 + n];
+  if ((threadIdx.x & 31u) != 0u) return;
+  for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) p[m * ld + n] = f.v[m * 16 + n];
 }
 }}
 """
@@ -237,3 +239,16 @@ def emulate(monkeypatch):
     monkeypatch.setattr(backend.Kernel, "launch", emulated_launch)
     monkeypatch.setattr(backend, "backend", lambda: "cuda")
     monkeypatch.setattr(backend, "_enabled", True)
+
+
+def record_launches(monkeypatch):
+    """Names of the kernels launched from now on (through the launch installed now), as a list."""
+    names = []
+    launch = backend.Kernel.launch
+
+    def spy(self, *args, **kwargs):
+        names.append(self.name)
+        return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(backend.Kernel, "launch", spy)
+    return names

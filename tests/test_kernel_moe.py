@@ -19,7 +19,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_emulator import emulate
+from kernel_emulator import emulate, record_launches
 
 from ds4_mlx.custom_kernels import backend
 from ds4_mlx.custom_kernels import moe as mk
@@ -144,29 +144,16 @@ def check_all_stages(x, weights, indices, w1, w2, w3, flips, check_clamp=True, o
     assert_end_to_end_close(ours, reference)
 
 
-def _spy(monkeypatch):
-    """Names of the kernels launched from now on (through the launch installed now)."""
-    names = []
-    launch = backend.Kernel.launch
-
-    def spy(self, *args, **kwargs):
-        names.append(self.name)
-        return launch(self, *args, **kwargs)
-
-    monkeypatch.setattr(backend.Kernel, "launch", spy)
-    return names
-
-
 @pytest.fixture
 def launches(monkeypatch):
-    return _spy(monkeypatch)
+    return record_launches(monkeypatch)
 
 
 @pytest.fixture
 def emulated(monkeypatch):
     """Kernels run in the CPU emulator; returns the names of the kernels launched."""
     emulate(monkeypatch)
-    return _spy(monkeypatch)
+    return record_launches(monkeypatch)
 
 
 # ---- decoding ----
@@ -280,7 +267,7 @@ def test_reference_where_the_kernels_do_not_apply(emulated):
     assert emulated == []
 
 
-# ---- prefill: grouped tensor-core products (custom_kernels/moe_prefill.py) ----
+# ---- prefill: grouped tensor-core products (custom_kernels/moe_prefill.py, prefill_matmul.py) ----
 
 def rounded_experts(linears, dtype):
     """Unquantized stacked linears holding the weights s * q + b of quantized ones, computed in fp32 and
@@ -317,7 +304,7 @@ def test_prefill_grouped_product_emulated(emulated, bits, group_size):
         ours = mk.routed_experts(x, weights, indices, w1, w2, w3, LIMIT, fp8)
         same_weights = routed_experts_reference(x, weights, indices, *rounded, LIMIT, fp8)
         assert_end_to_end_close(ours, same_weights, 2.0**-8)
-    assert emulated == ["moe_prefill_gate_up", "moe_prefill_down"] * 2
+    assert emulated == ["prefill_gate_up_affine", "prefill_matmul_affine"] * 2
 
 
 def test_prefill_path_choice():
@@ -336,7 +323,7 @@ def test_prefill_kernels_are_cuda_only(monkeypatch):
     """On Metal the grouped products are not launched: the reference (MLX's gather_qmm) runs."""
     from ds4_mlx.custom_kernels import moe_prefill
 
-    launched = _spy(monkeypatch)
+    launched = record_launches(monkeypatch)
     monkeypatch.setattr(backend, "backend", lambda: "metal")
     w1, w2, w3 = make_experts(8, 128, 64, "affine", 4, 64, seed=1)
     x, weights, indices = make_inputs(200, 6, 8, 128, mx.bfloat16, seed=3)

@@ -184,8 +184,9 @@ for (int r = 0; r < RA; ++r) {
   }
 }
 """
-    return backend.fill(body, PRESCALE=m["prescale"], STORE_SUM=backend.fill(m["sum"], AT="w"), LOAD_SUM=backend.fill(m["load_sum"], AT="w"),
-                 DOT1=_dot(mode, "g[r]", "w1", "s1", "b1"), DOT3=_dot(mode, "u[r]", "w3", "s3", "b3"))
+    return backend.fill(body, PRESCALE=m["prescale"], STORE_SUM=backend.fill(m["sum"], AT="w"),
+                        LOAD_SUM=backend.fill(m["load_sum"], AT="w"),
+                        DOT1=_dot(mode, "g[r]", "w1", "s1", "b1"), DOT3=_dot(mode, "u[r]", "w3", "s3", "b3"))
 
 
 def _down_body(mode: str) -> str:
@@ -265,8 +266,8 @@ if (LANE == 0u) {
 }
 """
     return backend.fill(body, PRESCALE=m["prescale"], STORE_SUM=backend.fill(m["sum"], AT="t"),
-                 LOAD_SUM=backend.fill(m["load_sum"], AT="uint(k) * uint(WPR) + w"),
-                 DOT2=_dot(mode, "acc[k * RB + r]", "w2", "s2", "b2"))
+                        LOAD_SUM=backend.fill(m["load_sum"], AT="uint(k) * uint(WPR) + w"),
+                        DOT2=_dot(mode, "acc[k * RB + r]", "w2", "s2", "b2"))
 
 
 def _inputs(mode, names):

@@ -10,6 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from ..custom_kernels import prefill_matmul
+
 
 def _exact(product, x: mx.array, *args, **kwargs) -> mx.array:
     if x.dtype == mx.float32 or mx.default_device() != mx.cpu:
@@ -19,7 +21,9 @@ def _exact(product, x: mx.array, *args, **kwargs) -> mx.array:
 
 class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x):
-        return _exact(super().__call__, x)
+        """Prefill-sized inputs on CUDA go through the tensor-core kernel (custom_kernels/prefill_matmul.py)."""
+        product = super().__call__
+        return prefill_matmul.linear(x, self, lambda: _exact(product, x))
 
 
 class Linear(nn.Linear):
@@ -38,6 +42,11 @@ class QuantizedStackedLinear(QuantizedSwitchLinear):
     def __call__(self, x, indices, sorted_indices=False):
         return _exact(super().__call__, x, indices, sorted_indices)
 
+    def per_group(self, x, group_ids):
+        """x [..., G, in] -> [..., G, out], group g through linear g (group_ids = arange(G)); prefill-sized
+        inputs on CUDA go through the tensor-core kernel."""
+        return prefill_matmul.per_group(x, self, lambda: StackedLinear.per_group(self, x, group_ids))
+
 
 class StackedLinear(SwitchLinear):
     """`count` bias-free linears stacked [count, out, in] (routed experts, wo_a groups); row r
@@ -48,6 +57,10 @@ class StackedLinear(SwitchLinear):
 
     def __call__(self, x, indices, sorted_indices=False):
         return _exact(super().__call__, x, indices, sorted_indices)
+
+    def per_group(self, x, group_ids):
+        """x [..., G, in] -> [..., G, out], group g through linear g (group_ids = arange(G))."""
+        return self(x[..., None, :], group_ids)[..., 0, :]
 
     def to_quantized(self, group_size=64, bits=4, mode="affine", global_scale=False):
         count, output_dims, input_dims = self.weight.shape

@@ -1,0 +1,237 @@
+"""Quantized products over many rows (prefill) on CUDA's tensor cores, reading the packed weights directly.
+
+MLX 0.32.4's CUDA quantized products run at a few TFLOP/s (affine gather_qmm) to ~20 TFLOP/s (mxfp4/mxfp8)
+on many rows; an H100 does ~790 TFLOP/s of bf16 products. One kernel body serves every prefill product:
+rows [R, K] that come in groups (routed experts: the token-expert rows sorted by expert; wo_a: the rows
+of each output group; a plain linear: one group), each group multiplied by its own matrix [N, K] of a
+stack of E. The rows of a group are cut into tiles of BM; a thread group computes a BM x BN tile:
+- each K step (BK = 64 columns) it copies its rows' activations into shared memory and decodes the BN x BK
+  weight slice into shared memory in the activation dtype (affine 2/4/8-bit: s * q + b in fp32, rounded
+  once; mxfp8: e4m3 code times 2^(e - 127), exact in bf16);
+- four warps multiply 16 x 16 x 16 fragments (nvcuda::wmma, fp32 accumulators), each a 32 x 32 quarter;
+- the epilogue rounds to the activation dtype (`matmul`), or, for the routed experts' gate and up
+  products computed together (`gate_up`), rounds both and writes the route-weighted clamped SwiGLU.
+A thread group finds its group of rows by binary search over the groups' first tiles (`tile_starts`),
+so the grid is sized without reading the grouping on the host: (N / BN, ceil(R / BM) + E) groups.
+
+Numerics, against MLX's quantized products: the same weights (affine ones rounded to the activation dtype,
+relative 2^-9 in bf16, where MLX's CUDA products round them alike), fp32 sums in another order, products
+rounded to the activation dtype. CUDA only (Kernel.backends): Metal and the CPU keep MLX's products, as do
+fp32 activations and shapes that are not whole 64-wide tiles.
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+
+from . import backend
+
+BM, BN, BK, THREADS = 64, 64, 64, 128  # tile rows, tile columns, K step, threads (4 warps of 32 x 32)
+LDA = BK + 8  # shared row strides in elements (padded: fewer bank conflicts; wmma needs multiples of 8)
+LDC = BN + 4
+ACTIVATIONS = (mx.bfloat16, mx.float16)
+MIN_ROWS = 128  # a plain linear takes this path from this many rows (fewer: MLX's matrix-vector kernels)
+
+_HEADER = """
+#ifndef K_HOST_STUB
+#include <mma.h>
+#endif
+namespace wmma = nvcuda::wmma;
+INLINE float k_e8m0(uint e) { return __uint_as_float(e ? e << 23 : 0x00400000u); }  // 2^(e - 127)
+INLINE float k_e4m3(uint c) {
+  const uint e = (c >> 3) & 15u, m = c & 7u;
+  const float v = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : float(m) * 0.001953125f;
+  return (c & 128u) ? -v : v;
+}
+"""
+
+_BODY = """
+constexpr int PER_WORD = 32 / BITS;
+constexpr uint MASK = (1u << BITS) - 1u;
+constexpr int WORDS = K / PER_WORD;  // packed words per weight row
+constexpr int GROUPS = K / GS;  // scales per weight row
+constexpr int KW = BK / PER_WORD;  // words per weight row in one K step
+const int tile = int(GROUP_Y);
+if (tile >= tile_starts[E]) return;
+int lo = 0, hi = E;  // the group e with tile_starts[e] <= tile < tile_starts[e + 1]
+while (hi - lo > 1) {
+  const int mid = (lo + hi) >> 1;
+  if (tile_starts[mid] <= tile) lo = mid; else hi = mid;
+}
+const int e = lo;
+const int r0 = row_starts[e] + (tile - tile_starts[e]) * BM;
+const int rows = min(BM, row_starts[e + 1] - r0);
+const int n0 = int(GROUP_X) * BN;
+// shared: the activations' K slice [BM][LDA] and each matrix's decoded slice [BN][LDA] (wmma's
+// column-major B), later reused for the fp32 results [MATS][BM][LDC]
+SHARED __align__(32) float smem[SMEM_FLOATS];
+T* a_tile = reinterpret_cast<T*>(smem);
+T* b_tile = a_tile + BM * LDA;
+const int wm = int(WARP) >> 1, wn = int(WARP) & 1;  // this warp's 32 x 32 quarter
+wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MATS][2][2];
+for (int m = 0; m < MATS; ++m)
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[m][i][j], 0.0f);
+for (int k0 = 0; k0 < K; k0 += BK) {
+  BARRIER();
+  for (int v = int(TID); v < BM * BK / 8; v += NT) {  // 8 activations (16 bytes) per copy
+    const int m = v / (BK / 8), kk = (v % (BK / 8)) * 8;
+    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
+    if (m < rows) chunk = *reinterpret_cast<const uint4*>(x + size_t(r0 + m) * K + k0 + kk);
+    *reinterpret_cast<uint4*>(a_tile + m * LDA + kk) = chunk;
+  }
+  for (int v = int(TID); v < BN * KW; v += NT) {
+    const int n = v / KW, wd = v % KW;
+    const size_t row = size_t(e) * N + n0 + n;
+    const int kk = wd * PER_WORD;
+    const int g = (k0 + kk) / GS;
+@DECODE@
+  }
+  BARRIER();
+  for (int kk = 0; kk < BK; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], a_tile + (wm * 32 + i * 16) * LDA + kk, LDA);
+    for (int m = 0; m < MATS; ++m)
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, b_tile + (m * BN + wn * 32 + j * 16) * LDA + kk, LDA);
+        for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[m][i][j], a[i], b, acc[m][i][j]);
+      }
+  }
+}
+BARRIER();
+float* c_tile = smem;
+for (int m = 0; m < MATS; ++m)
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(c_tile + (m * BM + wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[m][i][j], LDC,
+                              wmma::mem_row_major);
+BARRIER();
+for (int v = int(TID); v < BM * BN; v += NT) {
+  const int m = v / BN, n = v % BN;
+  if (m < rows) {
+@EPILOGUE@
+  }
+}
+"""
+
+# weight decoding, per packed word: into the decoded slice of matrix @M@ (w@W@: codes, s@W@: scales, b@W@: biases)
+_DECODE = {
+    "affine": """    {
+    const uint word = w@W@[row * WORDS + k0 / PER_WORD + wd];
+    const float s = static_cast<float>(s@W@[row * GROUPS + g]), b = static_cast<float>(b@W@[row * GROUPS + g]);
+    T* dst = b_tile + (@M@ * BN + n) * LDA + kk;
+    for (int j = 0; j < PER_WORD; ++j) dst[j] = static_cast<T>(s * float((word >> (j * BITS)) & MASK) + b);
+    }""",
+    "mxfp8": """    {
+    const uint word = w@W@[row * WORDS + k0 / PER_WORD + wd];
+    const float s = k_e8m0(uint(s@W@[row * GROUPS + g]));
+    T* dst = b_tile + (@M@ * BN + n) * LDA + kk;
+    for (int j = 0; j < PER_WORD; ++j) dst[j] = static_cast<T>(k_e4m3((word >> (8 * j)) & 255u) * s);
+    }""",
+}
+
+_EPILOGUE = {
+    "gate_up": """    // as the reference: the gate and up products rounded to the activation dtype, the SwiGLU in fp32
+    float gv = static_cast<float>(static_cast<T>(c_tile[m * LDC + n]));
+    float uv = static_cast<float>(static_cast<T>(c_tile[(BM + m) * LDC + n]));
+    const float limit = params[0];
+    if (limit > 0.0f) {
+      gv = FMIN(gv, limit);
+      uv = FMAX(FMIN(uv, limit), -limit);
+    }
+    const float h = ((gv * (1.0f / (1.0f + EXP(-gv)))) * uv) * route[r0 + m];
+    y[size_t(r0 + m) * N + n0 + n] = static_cast<T>(h);""",
+    "matmul": """    y[size_t(r0 + m) * N + n0 + n] = static_cast<T>(c_tile[m * LDC + n]);""",
+}
+
+FORMATS = {"affine": ("w", "s", "b"), "mxfp8": ("w", "s")}  # the arrays of a quantized matrix, by mode
+
+
+def _kernel(epilogue: str, mode: str) -> backend.Kernel:
+    matrices = (1, 3) if epilogue == "gate_up" else (1,)
+    decode = "\n".join(backend.fill(_DECODE[mode], W=str(w), M=str(i)) for i, w in enumerate(matrices))
+    weights = [f"{a}{w}" for w in matrices for a in FORMATS[mode]]
+    extra = ["route", "params"] if epilogue == "gate_up" else []
+    return backend.kernel(f"prefill_{epilogue}_{mode}", ["x", *weights, "row_starts", "tile_starts", *extra], ["y"],
+                          backend.fill(_BODY, DECODE=decode, EPILOGUE=_EPILOGUE[epilogue]), _HEADER,
+                          backends=("cuda",))
+
+
+KERNELS = {("gate_up", "affine"): _kernel("gate_up", "affine"), ("matmul", "affine"): _kernel("matmul", "affine"),
+           ("matmul", "mxfp8"): _kernel("matmul", "mxfp8")}
+
+
+def mode(linear) -> Optional[str]:
+    """The weight format of a quantized (stacked) linear these kernels decode, else None."""
+    kind = getattr(linear, "mode", None)
+    if "bias" in linear or getattr(linear, "global_scale", None) is not None:
+        return None
+    if kind == "affine" and getattr(linear, "biases", None) is not None and linear.bits in (2, 4, 8):
+        return "affine" if linear.group_size >= 32 // linear.bits else None
+    if kind == "mxfp8" and getattr(linear, "biases", None) is None:
+        return "mxfp8"
+    return None
+
+
+def tiles_fit(x: mx.array, linear) -> bool:
+    """x's dtype has a tensor-core path and the product's sizes are whole tiles."""
+    in_dims, out_dims = linear.weight.shape[-1] * 32 // linear.bits, linear.weight.shape[-2]
+    return x.dtype in ACTIVATIONS and x.shape[-1] == in_dims and in_dims % BK == 0 and out_dims % BN == 0
+
+
+def row_tiles(row_starts: mx.array) -> mx.array:
+    """tile_starts [E + 1] int32 (each group's first tile) from row_starts [E + 1] (its first row)."""
+    tiles = (row_starts[1:] - row_starts[:-1] + BM - 1) // BM
+    return mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(tiles).astype(mx.int32)])
+
+
+def grouped_product(x: mx.array, linears, row_starts: mx.array, tile_starts: mx.array, reference,
+                    route: Optional[mx.array] = None, limit: float = 0.0) -> mx.array:
+    """x [R, K] in groups (rows row_starts[e]..row_starts[e+1]-1 use matrix e of each stacked linear) ->
+    [R, N] in x's dtype: one linear (`matmul`), or w1 and w3 with `route` [R] fp32 (`gate_up`: the
+    route-weighted clamped SwiGLU). `reference()` returns the same as a list of one array."""
+    (rows, k), first = x.shape, linears[0]
+    fmt = mode(first)
+    epilogue = "gate_up" if len(linears) == 2 else "matmul"
+    experts = 1 if first.weight.ndim == 2 else first.weight.shape[0]
+    out_dims = first.weight.shape[-2]
+    smem = max(BM * LDA + len(linears) * BN * LDA, 2 * len(linears) * BM * LDC) // 2  # floats
+    inputs = [x] + [getattr(w, name) for w in linears for name in ("weight", "scales", "biases")[:len(FORMATS[fmt])]]
+    inputs += [row_starts, tile_starts] + ([route, backend.float_input(limit)] if epilogue == "gate_up" else [])
+    return KERNELS[epilogue, fmt].run(
+        inputs, [("T", x.dtype), ("BITS", first.bits), ("GS", first.group_size), ("K", k), ("N", out_dims),
+                 ("E", experts), ("MATS", len(linears)), ("BM", BM), ("BN", BN), ("BK", BK), ("LDA", LDA),
+                 ("LDC", LDC), ("NT", THREADS), ("SMEM_FLOATS", smem)],
+        grid=(out_dims // BN * THREADS, -(-rows // BM) + experts, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(rows, out_dims)], output_dtypes=[x.dtype], reference=reference)[0]
+
+
+def _applies(x: mx.array, linear, rows: int) -> bool:
+    return rows >= MIN_ROWS and backend.backend() == "cuda" and mode(linear) is not None and tiles_fit(x, linear)
+
+
+def linear(x: mx.array, layer, reference) -> mx.array:
+    """A quantized linear `layer` on x [..., K] -> [..., N]: the kernel for prefill-sized inputs on CUDA,
+    else `reference()` (MLX's quantized product)."""
+    rows = x.size // max(x.shape[-1], 1)
+    if not _applies(x, layer, rows):
+        return reference()
+    starts = mx.array([0, rows], dtype=mx.int32)
+    out = grouped_product(x.reshape(rows, -1), (layer,), starts, row_tiles(starts),
+                          lambda: [reference().reshape(rows, -1)])
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def per_group(x: mx.array, layer, reference) -> mx.array:
+    """A stack of G quantized linears `layer` applied group-wise: x [..., G, K] -> [..., G, N], group g
+    through matrix g (wo_a), as `reference()`."""
+    *lead, groups, k = x.shape
+    rows = x.size // max(groups * k, 1)
+    if not _applies(x, layer, rows) or layer.weight.shape[0] != groups:
+        return reference()
+    group_major = mx.swapaxes(x.reshape(rows, groups, k), 0, 1).reshape(groups * rows, k)
+    starts = mx.arange(groups + 1, dtype=mx.int32) * rows
+    out = grouped_product(group_major, (layer,), starts, row_tiles(starts),
+                          lambda: [mx.swapaxes(reference().reshape(rows, groups, -1), 0, 1).reshape(groups * rows, -1)])
+    return mx.swapaxes(out.reshape(groups, rows, -1), 0, 1).reshape(*lead, groups, -1)
