@@ -25,6 +25,7 @@ import flash  # noqa: E402
 from ds4_mlx.convert.recipes import EXPERT  # noqa: E402
 from ds4_mlx.custom_kernels import backend  # noqa: E402
 from ds4_mlx.custom_kernels import moe as moe_kernels  # noqa: E402
+from ds4_mlx.custom_kernels import prefill_matmul  # noqa: E402
 from ds4_mlx.layers.linear import StackedLinear  # noqa: E402
 from ds4_mlx.layers.moe import routed_experts_reference  # noqa: E402
 
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
             results.append(row)
     result = {"benchmark": "moe_prefill", "device": flash.device_info(), "kernel_backend": backend.backend(),
               "config": {"experts": count, "dim": dim, "inter": inter, "k": k, "reps": opts.reps,
-                         "tile": [moe_kernels.moe_prefill.BM, moe_kernels.moe_prefill.BN, moe_kernels.moe_prefill.BK],
+                         "tile": [prefill_matmul.BM, prefill_matmul.BN, prefill_matmul.BK],
                          "prefill_rows": moe_kernels.moe_prefill.PREFILL_ROWS},
               "results": results}
     flash.emit(result, opts.out)
