@@ -33,24 +33,25 @@ def random_layer(shape, mode, seed):
     return quantized(layer, mode)
 
 
-def decoded(layer) -> mx.array:
-    """The weights the kernel multiplies with, fp32: s * q + b (fp32 scales) or mxfp8 codes, rounded to bf16."""
+def decoded(layer, dtype=mx.bfloat16) -> mx.array:
+    """The weights the kernel multiplies with, fp32: s * q + b (fp32 scales) or mxfp8 codes, rounded to `dtype`."""
     if layer.mode == "affine":
         w = mx.dequantize(layer.weight, layer.scales.astype(mx.float32), layer.biases.astype(mx.float32),
                           group_size=layer.group_size, bits=layer.bits, mode="affine")
     else:
         w = mx.dequantize(layer.weight, layer.scales, group_size=layer.group_size, bits=layer.bits, mode="mxfp8",
                           dtype=mx.float32)
-    return w.astype(mx.bfloat16).astype(mx.float32)
+    return w.astype(dtype).astype(mx.float32)
 
 
 def assert_rounding_flips_only(ours, exact, magnitude, flips=0.02):
-    """ours (bf16) vs the fp32 products `exact`: equal to their bf16 rounding, or off by one ulp plus what
+    """ours (bf16/fp16) vs the fp32 products `exact`: equal to their rounding, or off by one ulp plus what
     another fp32 summation order can move a sum (1e-5 of `magnitude`, the sum of the terms' absolute
     values: near-cancelling sums), in a few places."""
+    dtype, mantissa = ours.dtype, {mx.bfloat16: 7, mx.float16: 10}[ours.dtype]
     ours, exact = np.array(ours.astype(mx.float32)), np.array(exact)
-    rounded = np.array(mx.array(exact).astype(mx.bfloat16).astype(mx.float32))
-    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 2.0**-126))) - 7)
+    rounded = np.array(mx.array(exact).astype(dtype).astype(mx.float32))
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 2.0**-126))) - mantissa)
     diff = np.abs(ours - rounded)
     allowed = ulp * 1.0001 + 1e-5 * np.array(magnitude)
     assert (diff <= allowed).all(), (diff / allowed).max()
@@ -72,14 +73,14 @@ def emulated(monkeypatch):
     return record_launches(monkeypatch)
 
 
-@pytest.mark.parametrize("mode", ["mxfp8", "affine"])
-def test_linear_emulated(emulated, mode):
+@pytest.mark.parametrize("mode,dtype", [("mxfp8", mx.bfloat16), ("affine", mx.bfloat16), ("mxfp8", mx.float16)])
+def test_linear_emulated(emulated, mode, dtype):
     """300 rows (two batches of 150: four full tiles and a partial one), in 256 -> out 192 (three column tiles)."""
     layer = random_layer((192, 256), mode, seed=1)
-    x = mx.random.normal((2, 150, 256), key=mx.random.key(2)).astype(mx.bfloat16)
+    x = mx.random.normal((2, 150, 256), key=mx.random.key(2)).astype(dtype)
     ours = layer(x)
-    assert ours.shape == (2, 150, 192) and ours.dtype == mx.bfloat16
-    assert_rounding_flips_only(ours, *products(x, decoded(layer), False))
+    assert ours.shape == (2, 150, 192) and ours.dtype == dtype
+    assert_rounding_flips_only(ours, *products(x, decoded(layer, dtype), False))
     assert emulated == [f"prefill_matmul_{mode}"]
 
 
