@@ -727,17 +727,29 @@ def _indexer_work(attn, x, cache):
     return run
 
 
-def layer_parts(model: Model, caches: List[WindowCache], reps: int = 5, token: int = 7) -> List[dict]:
+def _restore(cache: WindowCache, state):
+    """Put a layer's cache back to `state` (WindowCache.state; None: leave it)."""
+    if state is not None:
+        cache.state = state
+        mx.eval(cache.arrays())
+
+
+def layer_parts(model: Model, caches: List[WindowCache], reps: int = 5, token: int = 7,
+                length: int = 1) -> List[dict]:
     """Per layer, median seconds of each part called in isolation (each call evaluated and synchronized
     on its own) on the live caches: attention (all of Attention.__call__ minus the indexer's share),
     indexer (see _indexer_work), moe, mhc (both collapses and expands), rest (the two RMSNorms), and the
-    whole block. Inputs are the layer's real inputs for one token. The attention and block calls advance
-    the caches (2 tokens per rep + 1 to capture the inputs): accepted, as a few tokens of drift at a
-    context of thousands do not change the cost; restoring instead would need a second reference to the
-    row buffers, which turns their in-place row writes into full copies and distorts the timing."""
-    ids = mx.array([[token]], dtype=mx.int32)
+    whole block. Inputs are the layer's real inputs for `length` tokens (one: a decode step; more: a
+    prefill chunk). One token: the attention and block calls advance the caches (2 tokens per rep + 1 to
+    capture the inputs), accepted, as a few tokens of drift at a context of thousands do not change the
+    cost, while restoring would need a second reference to the row buffers, which turns their in-place
+    row writes into full copies and distorts the timing. A chunk: each layer's cache is restored (an
+    untimed copy, WindowCache.state) before every rep and block call, so each sees the context the chunk
+    started from; the caches end one chunk further on."""
+    ids = (token + mx.arange(length, dtype=mx.int32)[None]) % model.args.vocab_size
+    states = [c.state for c in caches] if length > 1 else None
     x = model.embed(ids)
-    streams = mx.broadcast_to(x[:, :, None], (1, 1, model.hc_mult, x.shape[-1]))
+    streams = mx.broadcast_to(x[:, :, None], (1, length, model.hc_mult, x.shape[-1]))
     inputs = []
     for layer, cache in zip(model.layers, caches):
         inputs.append(streams)
@@ -746,7 +758,9 @@ def layer_parts(model: Model, caches: List[WindowCache], reps: int = 5, token: i
     results = []
     for i, (layer, cache) in enumerate(zip(model.layers, caches)):
         times = {name: [] for name in PARTS + ("block",)}
+        state = None if states is None else states[i]
         for rep in range(reps + 1):  # the first rep warms up
+            _restore(cache, state)
             s0 = inputs[i]
             t_collapse1, (xa, post1, comb1) = clock(lambda: layer.hc_attn.collapse(s0))
             t_norm1, xa_n = clock(lambda: layer.attn_norm(xa))
@@ -759,6 +773,7 @@ def layer_parts(model: Model, caches: List[WindowCache], reps: int = 5, token: i
             t_norm2, xf_n = clock(lambda: layer.ffn_norm(xf))
             t_moe, m = clock(lambda: layer.ffn(xf_n, ids))
             t_expand2, _ = clock(lambda: HyperConnection.expand(m, s1, post2, comb2))
+            _restore(cache, state)
             t_block, _ = clock(lambda: [layer(s0, cache, ids)] + cache.arrays())
             if rep == 0:
                 continue

@@ -7,7 +7,10 @@ does (default 2048, its step), timed layer by layer (flash.prefill: one evaluati
 Reported per length and mode: tokens/s of the N-layer model, per-chunk tokens/s, seconds per layer (by
 kind), the embedding + head share, and the full-depth figure (simple: head + 43 x mean layer; by_kind:
 each kind's mean layer time times the 43 layers' count of that kind), plus the weight-product throughput
-(2 x active weight elements per token; attention scores not counted).
+(2 x active weight elements per token; attention scores not counted). With --part-reps R > 0, after
+each timed prefill: one more chunk at the context reached, split per layer into attention (without the
+indexer), indexer, MoE, mHC and rest (norms), each part evaluated on its own (flash.layer_parts, the
+caches restored between repetitions), as parts_ms (mean over the N layers), parts_ms_by_kind and block_ms.
 
     python benchmarks/prefill.py --recipe q2 --layers 8 [--lengths 8192] [--chunk 2048]
 """
@@ -31,7 +34,19 @@ def parse(argv=None):
     parser.add_argument("--chunk", type=int, default=2048,
                         help="prefill chunk, as Session.prefill's step (default %(default)s)")
     parser.add_argument("--warmup", type=int, help="warm-up prefill tokens (default: two chunks)")
+    parser.add_argument("--part-reps", type=int, default=2,
+                        help="repetitions of each isolated part of a chunk; 0 skips the breakdown (default %(default)s)")
     return parser.parse_args(argv)
+
+
+def parts(model, caches, args, chunk, reps):
+    """The per-part split of one chunk at the caches' context (flash.layer_parts), in ms."""
+    start = caches[0].offset
+    rows = flash.layer_parts(model, caches, reps=reps, length=chunk)
+    ms = {p: [r[p] * 1e3 for r in rows] for p in flash.PARTS + ("block",)}
+    return {"parts_ms": {p: sum(v) / len(v) for p, v in ms.items() if p != "block"},
+            "parts_ms_by_kind": {p: flash.by_kind(v, args) for p, v in ms.items()},
+            "block_ms": sum(ms["block"]) / len(rows), "parts_chunk": chunk, "parts_context": start}
 
 
 def prompt(length, vocab, seed):
@@ -93,6 +108,8 @@ def main(argv=None) -> dict:
                 timing = flash.prefill(model, caches, ids, opts.chunk)
                 r = summarize(timing, args, full, length, flop_params)
                 r.update(kernels=on, kernel_backend=backend.backend(), peak_memory_bytes=mx.get_peak_memory())
+                if opts.part_reps > 0:
+                    r.update(parts(model, caches, args, min(opts.chunk, length), opts.part_reps))
                 entry[name] = r
                 flash.log(f"[prefill]   {r['tokens_per_s']:.1f} tokens/s; "
                           f"full depth {r['full_depth']['tokens_per_s_simple']:.1f}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from ds4_mlx.cache import cache_nbytes
+from ds4_mlx.cache import cache_nbytes, restore
 from ds4_mlx.custom_kernels import backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +68,24 @@ def test_filled_caches_hold_what_a_session_holds():
         assert all(c.offset == context for c in caches)
         stats = flash.check_logits(model, caches)
         assert stats["finite"] and 0.1 < stats["std"] < 10
+
+
+def test_chunk_parts_restore_the_caches():
+    """flash.layer_parts on a prefill chunk: every rep sees the context the chunk started from (the caches
+    end one chunk further on, not one per call), and the block equals the layer run on that context."""
+    args = flash.bench_args(flash.full_args(flash.TINY), 3)
+    model = flash.build_model(args, "q2")
+    caches = flash.fresh_caches(model, 100)
+    before = [c.state for c in caches]
+    rows = flash.layer_parts(model, caches, reps=2, length=24)
+    assert all(c.offset == 124 for c in caches) and [r["kind"] for r in rows] == ["window", "csa", "hca"]
+    assert all(r[p] > 0 for r in rows for p in ("attention", "moe", "mhc", "block"))
+    assert rows[0]["indexer"] == 0 < rows[1]["indexer"]
+    reference = restore(args, before)
+    ids = (7 + mx.arange(24, dtype=mx.int32)[None]) % args.vocab_size
+    model.hidden(ids, reference)
+    for ours, theirs in zip(caches, reference):
+        assert all(mx.array_equal(a, b).item() for a, b in zip(ours.arrays(), theirs.arrays()))
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4", "native"])
@@ -167,6 +185,9 @@ def test_prefill():
         assert math.isclose(sum(m["layer_s"]) + m["head_s"], m["seconds"], rel_tol=1e-9)
         assert 0 < m["full_depth"]["tokens_per_s_by_kind"] < m["tokens_per_s"]
         assert set(m["layer_s_by_kind"]) == {"window", "csa", "hca"} and m["weight_tflops"] > 0
+        assert set(m["parts_ms"]) == {"attention", "indexer", "moe", "mhc", "rest"} and m["block_ms"] > 0
+        assert m["parts_ms_by_kind"]["indexer"]["window"] == 0 < m["parts_ms_by_kind"]["indexer"]["csa"]
+        assert m["parts_chunk"] == 64 and m["parts_context"] == 150
 
 
 def test_sweep(tmp_path):
