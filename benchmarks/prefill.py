@@ -35,7 +35,7 @@ def parse(argv=None):
                         help="prefill chunk, as Session.prefill's step (default %(default)s)")
     parser.add_argument("--warmup", type=int, help="warm-up prefill tokens (default: two chunks)")
     parser.add_argument("--part-reps", type=int, default=2,
-                        help="repetitions of each isolated part of a chunk; 0 skips the breakdown (default %(default)s)")
+                        help="repetitions of each isolated part of a chunk; 0 skips the split (default %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -177,7 +177,7 @@ def mode(linear) -> Optional[str]:
 
 
 def tiles_fit(x: mx.array, linear) -> bool:
-    """x's dtype has a tensor-core path and the product's sizes are whole tiles."""
+    """x [..., K] fits the linear, its dtype has a tensor-core path and the product's sizes are whole tiles."""
     in_dims, out_dims = linear.weight.shape[-1] * 32 // linear.bits, linear.weight.shape[-2]
     return x.dtype in ACTIVATIONS and x.shape[-1] == in_dims and in_dims % BK == 0 and out_dims % BN == 0
 
@@ -199,7 +199,8 @@ def grouped_product(x: mx.array, linears, row_starts: mx.array, tile_starts: mx.
     experts = 1 if first.weight.ndim == 2 else first.weight.shape[0]
     out_dims = first.weight.shape[-2]
     smem = max(BM * LDA + len(linears) * BN * LDA, 2 * len(linears) * BM * LDC) // 2  # floats
-    inputs = [x] + [getattr(w, name) for w in linears for name in ("weight", "scales", "biases")[:len(FORMATS[fmt])]]
+    arrays = ("weight", "scales", "biases")[:len(FORMATS[fmt])]
+    inputs = [x] + [getattr(w, name) for w in linears for name in arrays]
     inputs += [row_starts, tile_starts] + ([route, backend.float_input(limit)] if epilogue == "gate_up" else [])
     return KERNELS[epilogue, fmt].run(
         inputs, [("T", x.dtype), ("BITS", first.bits), ("GS", first.group_size), ("K", k), ("N", out_dims),
@@ -234,6 +235,8 @@ def per_group(x: mx.array, layer, reference) -> mx.array:
         return reference()
     group_major = mx.swapaxes(x.reshape(rows, groups, k), 0, 1).reshape(groups * rows, k)
     starts = mx.arange(groups + 1, dtype=mx.int32) * rows
-    out = grouped_product(group_major, (layer,), starts, row_tiles(starts),
-                          lambda: [mx.swapaxes(reference().reshape(rows, groups, -1), 0, 1).reshape(groups * rows, -1)])
+    def group_major_reference():
+        return [mx.swapaxes(reference().reshape(rows, groups, -1), 0, 1).reshape(groups * rows, -1)]
+
+    out = grouped_product(group_major, (layer,), starts, row_tiles(starts), group_major_reference)
     return mx.swapaxes(out.reshape(groups, rows, -1), 0, 1).reshape(*lead, groups, -1)
