@@ -59,10 +59,10 @@ def assert_rounding_flips_only(ours, exact, magnitude, flips=0.02):
 
 
 def products(x, w, per_group: bool):
-    """(x @ w^T, |x| @ |w|^T) in fp32: per group for stacked weights [G, out, in] and x [..., G, in]."""
+    """(x @ w^T, |x| @ |w|^T) in fp32: per group for stacked weights [G, out, in] and x [B, L, G, 1, in]."""
     x = x.astype(mx.float32)
     if per_group:
-        return tuple(mx.einsum("blgi,goi->blgo", a, b) for a, b in ((x, w), (mx.abs(x), mx.abs(w))))
+        return tuple(mx.einsum("blgri,goi->blgro", a, b) for a, b in ((x, w), (mx.abs(x), mx.abs(w))))
     return x @ w.T, mx.abs(x) @ mx.abs(w).T
 
 
@@ -85,11 +85,12 @@ def test_linear_emulated(emulated, mode, dtype):
 
 
 def test_per_group_emulated(emulated):
-    """wo_a's shape of call: x [1, 140, 4, 128] through 4 stacked mxfp8 linears [4, 64, 128], group g by linear g."""
+    """wo_a's shape of call: x [1, 140, 4, 1, 128] through 4 stacked mxfp8 linears [4, 64, 128], group g by
+    linear g."""
     layer = random_layer((4, 64, 128), "mxfp8", seed=3)
-    x = mx.random.normal((1, 140, 4, 128), key=mx.random.key(4)).astype(mx.bfloat16)
+    x = mx.random.normal((1, 140, 4, 1, 128), key=mx.random.key(4)).astype(mx.bfloat16)
     ours = layer.per_group(x, mx.arange(4))
-    assert ours.shape == (1, 140, 4, 64)
+    assert ours.shape == (1, 140, 4, 1, 64)
     exact, magnitude = products(x, decoded(layer), True)
     assert_rounding_flips_only(ours, exact, magnitude)
     assert emulated == ["prefill_matmul_mxfp8"]
@@ -135,7 +136,8 @@ def test_gpu_flash_shapes(shape, mode):
     bits (mxfp8's e4m3 weights have 4, so their products add exactly more often)."""
     assert backend.backend() == "cuda", "the prefill products are CUDA-only"
     layer = random_layer(shape, mode, seed=5)
-    x = mx.random.normal((1, 512, *shape[:-2], shape[-1]), key=mx.random.key(6)).astype(mx.bfloat16)
+    x = mx.random.normal((1, 512, *shape[:-2], *([1] if len(shape) == 3 else []), shape[-1]),
+                         key=mx.random.key(6)).astype(mx.bfloat16)
     ours = layer.per_group(x, mx.arange(shape[0])) if len(shape) == 3 else layer(x)
     mx.eval(ours)
     with mx.stream(mx.cpu):

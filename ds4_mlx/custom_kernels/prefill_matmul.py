@@ -227,9 +227,9 @@ def linear(x: mx.array, layer, reference) -> mx.array:
 
 
 def per_group(x: mx.array, layer, reference) -> mx.array:
-    """A stack of G quantized linears `layer` applied group-wise: x [..., G, K] -> [..., G, N], group g
-    through matrix g (wo_a), as `reference()`."""
-    *lead, groups, k = x.shape
+    """A stack of G quantized linears `layer` applied group-wise: x [..., G, 1, K] -> [..., G, 1, N] (the
+    layout of MLX's gathered product), group g through matrix g (wo_a), as `reference()`."""
+    *lead, groups, _, k = x.shape
     rows = x.size // max(groups * k, 1)
     if not _applies(x, layer, rows) or layer.weight.shape[0] != groups:
         return reference()
@@ -239,4 +239,4 @@ def per_group(x: mx.array, layer, reference) -> mx.array:
         return [mx.swapaxes(reference().reshape(rows, groups, -1), 0, 1).reshape(groups * rows, -1)]
 
     out = grouped_product(group_major, (layer,), starts, row_tiles(starts), group_major_reference)
-    return mx.swapaxes(out.reshape(groups, rows, -1), 0, 1).reshape(*lead, groups, -1)
+    return mx.swapaxes(out.reshape(groups, rows, -1), 0, 1).reshape(*lead, groups, 1, -1)

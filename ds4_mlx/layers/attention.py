@@ -81,7 +81,7 @@ class Attention(nn.Module):
     def output(self, out: mx.array, positions: mx.array) -> mx.array:
         """Attention output [B, L, H, D] -> [B, L, dim]: inverse RoPE, grouped wo_a, wo_b."""
         batch, length = out.shape[:2]
-        out = self.rope(out, positions, inverse=True).reshape(batch, length, self.groups, -1)
+        out = self.rope(out, positions, inverse=True).reshape(batch, length, self.groups, 1, -1)
         out = self.wo_a.per_group(out, self._group_ids).reshape(batch, length, -1)
         return self.wo_b(fp8_input(out, self.args.fp8_activations))
 

@@ -43,9 +43,9 @@ class QuantizedStackedLinear(QuantizedSwitchLinear):
         return _exact(super().__call__, x, indices, sorted_indices)
 
     def per_group(self, x, group_ids):
-        """x [..., G, in] -> [..., G, out], group g through linear g (group_ids = arange(G)); prefill-sized
-        inputs on CUDA go through the tensor-core kernel."""
-        return prefill_matmul.per_group(x, self, lambda: StackedLinear.per_group(self, x, group_ids))
+        """x [..., G, 1, in] -> [..., G, 1, out], group g through linear g (group_ids = arange(G));
+        prefill-sized inputs on CUDA go through the tensor-core kernel."""
+        return prefill_matmul.per_group(x, self, lambda: self(x, group_ids))
 
 
 class StackedLinear(SwitchLinear):
@@ -59,8 +59,8 @@ class StackedLinear(SwitchLinear):
         return _exact(super().__call__, x, indices, sorted_indices)
 
     def per_group(self, x, group_ids):
-        """x [..., G, in] -> [..., G, out], group g through linear g (group_ids = arange(G))."""
-        return self(x[..., None, :], group_ids)[..., 0, :]
+        """x [..., G, 1, in] -> [..., G, 1, out], group g through linear g (group_ids = arange(G))."""
+        return self(x, group_ids)
 
     def to_quantized(self, group_size=64, bits=4, mode="affine", global_scale=False):
         count, output_dims, input_dims = self.weight.shape
