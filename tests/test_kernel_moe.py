@@ -14,6 +14,7 @@ value only where it lies that close to a rounding boundary, by one ulp. Hence, p
 The weights' decoding is checked bit-exactly against mx.dequantize.
 """
 
+import copy
 import math
 
 import mlx.core as mx
@@ -361,11 +362,24 @@ def test_gpu_flash_shapes(flash_experts, launches, n_tokens):
     assert launches == [f"moe_gate_up_{mode}", f"moe_down_{mode}"] * 2
 
 
+def expert_subset(linears, experts):
+    """Copies of stacked (quantized) linears holding only the listed experts, in that order."""
+    out = []
+    for linear in linears:
+        part = copy.copy(linear)
+        for name in ("weight", "scales", "biases"):
+            if name in linear:
+                part[name] = linear[name][experts]
+        out.append(part)
+    return out
+
+
 @pytest.mark.gpu
 def test_gpu_prefill_grouped_product(flash_experts, monkeypatch):
-    """256 tokens (1536 rows) through the wrapper: affine experts take moe_prefill's grouped products
-    (against the reference on the same bf16-rounded weights, rounded_experts), mxfp4 keeps gather_qmm
-    (against the reference on the quantized weights); the oracle runs on the CPU."""
+    """176 tokens (1056 rows) through the wrapper over the 256 experts, routed to every eighth expert only
+    (224 of them get no rows): affine experts take moe_prefill's grouped products (against the reference on
+    the same bf16-rounded weights, rounded_experts), mxfp4 keeps gather_qmm (against the reference on the
+    quantized weights). The oracle runs on the CPU over the 32 routed experts alone."""
     from ds4_mlx.custom_kernels import moe_prefill
 
     _require_gpu()
@@ -373,11 +387,13 @@ def test_gpu_prefill_grouped_product(flash_experts, monkeypatch):
     used = []
     monkeypatch.setattr(moe_prefill, "routed_experts",
                         lambda *a, _f=moe_prefill.routed_experts: used.append(1) or _f(*a))
-    x, weights, indices = make_inputs(256, 6, 256, 4096, mx.bfloat16, seed=5, x_scale=1.0)
-    ours = mk.routed_experts(x, weights, indices, w1, w2, w3, LIMIT, False)
+    x, weights, local = make_inputs(176, 6, 32, 4096, mx.bfloat16, seed=5, x_scale=1.0)
+    routed = mx.arange(0, 256, 8)
+    ours = mk.routed_experts(x, weights, routed[local], w1, w2, w3, LIMIT, False)
     with mx.stream(mx.cpu):
-        oracle = rounded_experts((w1, w2, w3), mx.bfloat16) if mode == "affine" else (w1, w2, w3)
-        reference = routed_experts_reference(x, weights, indices, *oracle, LIMIT, False)
+        subset = expert_subset((w1, w2, w3), routed)
+        oracle = rounded_experts(subset, mx.bfloat16) if mode == "affine" else subset
+        reference = routed_experts_reference(x, weights, local, *oracle, LIMIT, False)
         mx.eval(reference)
     assert used == ([1] if mode == "affine" else [])
     assert_end_to_end_close(ours, reference)
