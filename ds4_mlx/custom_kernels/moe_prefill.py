@@ -24,9 +24,9 @@ def applies(x: mx.array, indices: mx.array, w1, w2, w3) -> bool:
         return False
     if not all(pm.mode(w) == "affine" for w in (w1, w2, w3)):
         return False
-    experts, inter = w1.weight.shape[:2]
-    return (pm.tiles_fit(x, w1) and pm.tiles_fit(x, w3) and w2.weight.shape[:2] == (experts, x.shape[1])
-            and w2.weight.shape[2] * 32 // w2.bits == inter and inter % pm.BK == 0)
+    (experts, inter), dim = w1.weight.shape[:2], x.shape[1]
+    return (w2.weight.shape[:2] == (experts, dim)
+            and all(pm.tiles_fit(x.dtype, k, w) for k, w in ((dim, w1), (dim, w3), (inter, w2))))
 
 
 def _row_starts(sorted_experts: mx.array, experts: int) -> mx.array:

@@ -176,10 +176,11 @@ def mode(linear) -> Optional[str]:
     return None
 
 
-def tiles_fit(x: mx.array, linear) -> bool:
-    """x [..., K] fits the linear, its dtype has a tensor-core path and the product's sizes are whole tiles."""
-    in_dims, out_dims = linear.weight.shape[-1] * 32 // linear.bits, linear.weight.shape[-2]
-    return x.dtype in ACTIVATIONS and x.shape[-1] == in_dims and in_dims % BK == 0 and out_dims % BN == 0
+def tiles_fit(dtype, in_dims: int, linear) -> bool:
+    """Inputs of `dtype` and width `in_dims` fit the quantized linear, the dtype has a tensor-core path and
+    the product's sizes are whole tiles."""
+    weight_in, out_dims = linear.weight.shape[-1] * 32 // linear.bits, linear.weight.shape[-2]
+    return dtype in ACTIVATIONS and in_dims == weight_in and in_dims % BK == 0 and out_dims % BN == 0
 
 
 def row_tiles(row_starts: mx.array) -> mx.array:
@@ -211,7 +212,8 @@ def grouped_product(x: mx.array, linears, row_starts: mx.array, tile_starts: mx.
 
 
 def _applies(x: mx.array, linear, rows: int) -> bool:
-    return rows >= MIN_ROWS and backend.backend() == "cuda" and mode(linear) is not None and tiles_fit(x, linear)
+    return (rows >= MIN_ROWS and backend.backend() == "cuda" and mode(linear) is not None
+            and tiles_fit(x.dtype, x.shape[-1], linear))
 
 
 def linear(x: mx.array, layer, reference) -> mx.array:
@@ -235,6 +237,7 @@ def per_group(x: mx.array, layer, reference) -> mx.array:
         return reference()
     group_major = mx.swapaxes(x.reshape(rows, groups, k), 0, 1).reshape(groups * rows, k)
     starts = mx.arange(groups + 1, dtype=mx.int32) * rows
+
     def group_major_reference():
         return [mx.swapaxes(reference().reshape(rows, groups, -1), 0, 1).reshape(groups * rows, -1)]
 
