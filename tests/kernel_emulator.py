@@ -93,6 +93,9 @@ template <typename T> void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, ro
 template <typename T> void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ld) {
   for (int k = 0; k < 16; ++k) for (int n = 0; n < 16; ++n) f.v[k * 16 + n] = float(p[n * ld + k]);
 }
+template <typename T> void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, row_major>& f, const T* p, unsigned ld) {
+  for (int k = 0; k < 16; ++k) for (int n = 0; n < 16; ++n) f.v[k * 16 + n] = float(p[k * ld + n]);
+}
 template <typename A, typename B, typename C> void mma_sync(C& d, const A& a, const B& b, const C& c) {
   if ((threadIdx.x & 31u) != 0u) return;
   for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) {

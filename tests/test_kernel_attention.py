@@ -114,15 +114,22 @@ def test_many_splits_and_eight_heads(monkeypatch):
     assert_close(kernel(layer, q, 128 * 200, window_keys, compressed, selection), expected, window_keys, compressed)
 
 
-def test_layer_attend_decode_with_the_indexer(monkeypatch):
-    """`Attention._attend` on a CSA layer: the indexer's picks (more rows than top-k), kernel on/off."""
+def csa_with_indexer(start, queries, n_rows):
+    """A CSA layer (4 heads of 64, window 16, top-8) with random attention and indexer inputs: the layer,
+    (q, window_keys, compressed) and the indexer's (queries, head weights, keys)."""
     layer = make_layer(4, 64, 16, 4, topk=8)
     rng = np.random.default_rng(11)
-    start, queries, n_rows = 50, 2, 13
     q, window_keys, compressed, _ = case_inputs(layer, 1, queries, start, n_rows, mx.bfloat16, seed=11)
     index = (mx.array(rng.normal(size=(1, queries, 4, 32))).astype(mx.bfloat16),
              mx.array(rng.normal(size=(1, queries, 4))).astype(mx.bfloat16),
              mx.array(rng.normal(size=(1, n_rows, 32))).astype(mx.bfloat16))
+    return layer, (q, window_keys, compressed), index
+
+
+def test_layer_attend_decode_with_the_indexer(monkeypatch):
+    """`Attention._attend` on a CSA layer: the indexer's picks (more rows than top-k), kernel on/off."""
+    start = 50
+    layer, (q, window_keys, compressed), index = csa_with_indexer(start, 2, 13)
     expected = layer._attend(q, start, window_keys, compressed, index)
     emulate(monkeypatch)
     out = layer._attend(q, start, window_keys, compressed, index)

@@ -14,10 +14,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernel_emulator import emulate
+from kernel_emulator import emulate, record_launches
 
 from ds4_mlx.custom_kernels import backend
 from ds4_mlx.custom_kernels import indexer as kernel
+from ds4_mlx.custom_kernels import prefill_index
 from ds4_mlx.layers import indexer as layer
 from ds4_mlx.layers.indexer import Indexer, reference_scores
 
@@ -132,17 +133,40 @@ def _f32(a):
 
 
 def test_wrapper_routes(monkeypatch):
-    """Too many queries or mixed dtypes run the reference; a build failure falls back to it."""
+    """Mixed dtypes, or fp32 with too many queries for the decode kernel, run the reference; a build failure
+    falls back to it."""
     calls = []
     monkeypatch.setattr(backend.Kernel, "launch", lambda *a, **kw: calls.append(1) or 1 / 0)
     monkeypatch.setattr(backend, "backend", lambda: "cuda")
-    q, w, k = make_inputs(1, kernel.MAX_QUERIES + 1, 4, 32, 20)
+    q, w, k = make_inputs(1, kernel.MAX_QUERIES + 1, 4, 32, 20, dtype=mx.float32)
+    assert not prefill_index.applies(q, w, k)
     np.testing.assert_array_equal(_f32(Indexer.scores(q, w, k)), _f32(reference_scores(q, w, k)))
     q, w, k = make_inputs(1, 1, 4, 32, 20)
     assert not kernel.applies(q, w.astype(mx.float32), k)
     assert not calls
     np.testing.assert_array_equal(_f32(Indexer.scores(q, w, k)), _f32(reference_scores(q, w, k)))
     assert calls  # tried, failed, fell back
+
+
+PREFILL_SHAPES = [  # (batch, queries, heads, head dim, keys, dtype): partial query and key tiles, two key tiles
+    (1, 70, 4, 32, 130, mx.bfloat16),
+    (2, 9, 3, 128, 64, mx.float16),
+]
+
+
+@pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+def test_emulated_prefill_kernel_matches_reference(monkeypatch, shape):
+    """More queries than the decode kernel takes: custom_kernels/prefill_index.py (tensor-core tiles)."""
+    launches = run_kernel(monkeypatch)
+    names = record_launches(monkeypatch)
+    *dims, dtype = shape
+    for exact in (True, False):
+        q, w, k = make_inputs(*dims, dtype=dtype, seed=dims[-1], exact=exact)
+        visible = [max(0, dims[-1] - 2 * i) for i in range(dims[1])]
+        for vis in (None, visible):
+            compare(Indexer.scores(q, w, k, vis), reference_scores(q, w, k, vis), q, w, k,
+                    exact_fraction=1.0 if exact else 0.99)
+    assert len(launches) == 4 and set(names) == {"prefill_index_scores"}
 
 
 def test_tile_choice():
@@ -192,6 +216,19 @@ def test_gpu_flash_shapes(n_queries, n_keys):
         top = lambda s: np.sort(np.array(mx.argpartition(-s.astype(mx.float32), 511, axis=-1)[..., :512]), -1)
         overlap = np.mean([len(np.intersect1d(a, b)) / 512 for a, b in zip(top(out)[0], top(gpu)[0])])
         assert overlap >= 0.99, overlap
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_flash_shapes():
+    """2,048 queries over 3,000 keys (a CSA layer's chunk at 12K context), causal visibility, against the CPU
+    reference and the GPU's pure-MLX path."""
+    _require_gpu()
+    q, w, k = _flash_inputs(2048, 3000, seed=9)
+    visible = [(10240 + i + 1) // 4 for i in range(2048)]
+    out = Indexer.scores(q, w, k, visible)
+    with mx.stream(mx.cpu):
+        cpu = reference_scores(q, w, k, visible)
+    compare(out, cpu, q, w, k, exact_fraction=0.9)
 
 
 @pytest.mark.gpu

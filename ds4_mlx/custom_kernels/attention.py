@@ -245,6 +245,13 @@ def _plan(batch: int, queries: int, keys: int, head_groups: int) -> Tuple[int, i
     return per, -(-keys // per)
 
 
+def pick_rows(selection: Tuple[mx.array, Optional[mx.array]]) -> mx.array:
+    """The indexer's selection (rows [B, Q, k], valid [B, Q, k] or None: all valid) as the kernels read it:
+    row indices, int32, -1 where a pick is not valid."""
+    rows, valid = selection
+    return rows.astype(mx.int32) if valid is None else mx.where(valid, rows.astype(mx.int32), -1)
+
+
 def decode_attention(q: mx.array, window_keys: mx.array, compressed: Optional[mx.array],
                      selection: Optional[Tuple[mx.array, mx.array]], sink: mx.array, *, start: int, ratio: int,
                      scale: float, reference: Callable[[], mx.array]) -> mx.array:
@@ -272,10 +279,7 @@ def decode_attention(q: mx.array, window_keys: mx.array, compressed: Optional[mx
 
     meta = mx.array([start, n_rows, n_cand, per_split, splits], dtype=mx.int32)
     comp = compressed if n_rows else window_keys  # not read without rows
-    picks = meta  # not read without a selection
-    if selection is not None and n_rows:
-        rows, valid = selection
-        picks = rows.astype(mx.int32) if valid is None else mx.where(valid, rows.astype(mx.int32), -1)
+    picks = pick_rows(selection) if selection is not None and n_rows else meta  # meta: not read
     threads = 32 * hq * KEY_STREAMS
     template = [("TQ", q.dtype), ("H", heads), ("D", dims), ("W", window), ("Q", queries), ("RATIO", ratio),
                 ("PICKS", selection is not None and n_rows > 0),

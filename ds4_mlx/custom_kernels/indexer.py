@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 
-from . import backend
+from . import backend, prefill_index
 from ..layers import indexer as layer
 
 BODY = """
@@ -186,12 +186,14 @@ def index_scores(q: mx.array, weights: mx.array, keys: mx.array,
     """q [B, Q, H, Dh], weights [B, Q, H], keys [B, N, Dh] -> index scores [B, Q, N] in q's dtype.
 
     visible: optional per-query count of visible keys ([Q] ints or int array); keys w >= count
-    score -inf. Few queries (decode) run the kernel; the rest run `layer.reference_scores`."""
+    score -inf. Few queries (decode) run this module's kernel, more (prefill) custom_kernels/prefill_index.py's on
+    CUDA; the rest run `layer.reference_scores`."""
 
     def reference():
         return [layer.reference_scores(q, weights, keys, visible)]
 
-    if not applies(q, weights, keys):
+    prefill = q.ndim == 4 and q.shape[1] > MAX_QUERIES and prefill_index.applies(q, weights, keys)
+    if not prefill and not applies(q, weights, keys):
         return reference()[0]
     batch, n_queries, n_heads, head_dim = q.shape
     n_keys = keys.shape[1]
@@ -201,6 +203,8 @@ def index_scores(q: mx.array, weights: mx.array, keys: mx.array,
         info = mx.concatenate([mx.array([n_keys, n_queries], dtype=mx.int32), visible.reshape(-1).astype(mx.int32)])
     else:
         info = mx.array([n_keys, n_queries, *[int(c) for c in visible]], dtype=mx.int32)
+    if prefill:
+        return prefill_index.index_scores(q, weights, keys, info, visible is not None, reference)
     ht = _heads_per_thread(n_heads)
     kw = _keys_per_thread(n_keys, batch * n_queries)
     threads = (n_heads // ht) * SLOTS

@@ -34,11 +34,13 @@ LDC = BN + 4
 ACTIVATIONS = (mx.bfloat16, mx.float16)
 MIN_ROWS = 128  # a plain linear takes this path from this many rows (fewer: MLX's matrix-vector kernels)
 
-_HEADER = """
+WMMA_HEADER = """
 #ifndef K_HOST_STUB
 #include <mma.h>
 #endif
 namespace wmma = nvcuda::wmma;
+"""
+_HEADER = WMMA_HEADER + """
 INLINE float k_e8m0(uint e) { return __uint_as_float(e ? e << 23 : 0x00400000u); }  // 2^(e - 127)
 INLINE float k_e4m3(uint c) {
   const uint e = (c >> 3) & 15u, m = c & 7u;

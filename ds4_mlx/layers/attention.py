@@ -6,9 +6,11 @@ Each query attends, in one softmax with a per-head sink, to the last `sliding_wi
 visible to the query at position t once its window is complete: w < (t + 1) // ratio.
 
 Decode (a few queries) runs the custom kernel of custom_kernels/attention.py where there is a GPU
-backend; the pure-MLX reference here processes queries in blocks sized to bound memory.
+backend, prefill the tensor-core kernels of custom_kernels/prefill_attention.py on CUDA; the pure-MLX
+reference here processes queries in blocks sized to bound memory.
 """
 
+from functools import partial
 from typing import Optional
 
 import mlx.core as mx
@@ -17,6 +19,7 @@ from .linear import Linear, StackedLinear
 
 from ..cache import WindowCache
 from ..custom_kernels import attention as attention_kernels
+from ..custom_kernels import prefill_attention, prefill_index
 from ..config import ModelArgs
 from .compiled import decode_graph
 from .compressor import Compressor
@@ -25,6 +28,13 @@ from .numerics import RMSNorm, fp8_input, fp8_kv
 from .rope import RoPE
 
 SCORE_BUDGET = 1 << 25  # fp32 score elements per query block
+
+
+def even_blocks(first: int, end: int, most: int):
+    """first..end-1 cut into the fewest ranges (a, b) of at most `most` (>= 1), of near-equal sizes."""
+    count = -(-(end - first) // max(1, most))
+    size = -(-(end - first) // max(1, count))
+    return [(a, min(end, a + size)) for a in range(first, end, size)]
 
 
 def head_rms_norm(q: mx.array, eps: float) -> mx.array:
@@ -114,28 +124,59 @@ class Attention(nn.Module):
         return buffer.rows()
 
     def _attend(self, q, start, window_keys, compressed, index) -> mx.array:
-        """q [B, L, H, D] -> attention output [B, L, H, D]: decode (a few queries) in one
-        kernel over all keys, prefill query block by query block."""
+        """q [B, L, H, D] -> attention output [B, L, H, D]: decode (a few queries) in one kernel over all
+        keys; prefill in the tensor-core kernels where they apply, else query block by query block."""
         length = q.shape[1]
         n_compressed = 0 if compressed is None else compressed.shape[1]
-        sparse = index is not None and n_compressed > self.indexer.topk
+        if index is not None and n_compressed <= self.indexer.topk:
+            index = None  # every visible row is picked: attend to all of them
         if length <= attention_kernels.MAX_QUERIES:
-            selection = self._selection(index, start, 0, length) if sparse else None
+            selection = self._selection(index, start, 0, length) if index is not None else None
             keys = window_keys[:, 1 : self.window + length]
             return attention_kernels.decode_attention(
                 q, window_keys, compressed, selection, self.attn_sink, start=start, ratio=self.ratio,
                 scale=self.scale, reference=lambda: self._attend_block(q, start, keys, compressed, selection))
-        columns = self.window + (self.indexer.topk if sparse else n_compressed)
-        per_query = max(self.n_heads * columns, self.indexer.n_heads * n_compressed if sparse else 0)
+        if prefill_attention.applies(q, window_keys, compressed):
+            return self._attend_kernel(q, start, window_keys, compressed, index)
+        return self._attend_range(q, start, window_keys, compressed, index, 0, length)
+
+    def _attend_range(self, q, start, window_keys, compressed, index, first, end) -> mx.array:
+        """Queries first .. end - 1 of the chunk (pure MLX), query block by query block -> [B, end - first, H, D]."""
+        n_compressed = 0 if compressed is None else compressed.shape[1]
+        columns = self.window + (self.indexer.topk if index is not None else n_compressed)
+        per_query = max(self.n_heads * columns, self.indexer.n_heads * n_compressed if index is not None else 0)
         # a block of Q queries scores window + Q - 1 window keys: Q = window halves the waste
-        block = max(1, min(length, self.window, SCORE_BUDGET // per_query))
+        block = max(1, min(end - first, self.window, SCORE_BUDGET // per_query))
         outputs = []
-        for a in range(0, length, block):
-            b = min(length, a + block)
-            selection = self._selection(index, start, a, b) if sparse else None
+        for a in range(first, end, block):
+            b = min(end, a + block)
+            selection = self._selection(index, start, a, b) if index is not None else None
             outputs.append(self._attend_block(q[:, a:b], start + a, window_keys[:, a + 1 : self.window + b],
                                               compressed, selection))
         return mx.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+
+    def _attend_kernel(self, q, start, window_keys, compressed, index) -> mx.array:
+        """All queries of the chunk through custom_kernels/prefill_attention.py, in blocks within its score budget."""
+        batch, length = q.shape[:2]
+        n_compressed = 0 if compressed is None else compressed.shape[1]
+        n_columns = prefill_attention.columns(self.window, self.indexer.topk if index is not None else n_compressed)
+        outputs = []
+        for a, b in even_blocks(0, length, prefill_attention.block_queries(batch, self.n_heads, n_columns)):
+            picks = self._picks(index, start, a, b) if index is not None else None
+            outputs.append(prefill_attention.attend(
+                q, window_keys, compressed, picks, self.attn_sink, start=start, first=a, count=b - a,
+                ratio=self.ratio, scale=self.scale,
+                reference=partial(self._attend_range, q, start, window_keys, compressed, index, a, b)))
+        return mx.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+
+    def _picks(self, index, start, a, b) -> mx.array:
+        """The indexer's picks for queries a..b-1 as row indices [B, b - a, k] (-1: none), in blocks whose index
+        scores (per head, unless the prefill kernel sums the heads) stay within SCORE_BUDGET."""
+        iq, iw, index_keys = index
+        per_query = index_keys.shape[1] * (1 if prefill_index.applies(iq, iw, index_keys) else self.indexer.n_heads)
+        picks = [attention_kernels.pick_rows(self._selection(index, start, lo, hi))
+                 for lo, hi in even_blocks(a, b, SCORE_BUDGET // per_query)]
+        return mx.concatenate(picks, axis=1) if len(picks) > 1 else picks[0]
 
     def _selection(self, index, start, a, b):
         """The indexer's picks for queries a..b-1 of the chunk (at positions start + a ..)."""
