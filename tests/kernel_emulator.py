@@ -75,6 +75,7 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 using std::min;
 using std::max;
 #define __align__(n) __attribute__((aligned(n)))
@@ -125,7 +126,9 @@ inline float sqrt(float x) { return std::sqrt(x); }
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float fmax(float a, float b) { return std::fmax(a, b); }
 inline float fmin(float a, float b) { return std::fmin(a, b); }
+inline float rint(float x) { return std::rint(x); }
 }
+template <typename To, typename From> To as_type(From v) { To t; std::memcpy(&t, &v, sizeof(To)); return t; }
 enum class mem_flags { mem_none, mem_threadgroup, mem_device };
 inline void threadgroup_barrier(mem_flags) {}
 template <typename T> T simd_sum(T v) { return v; }

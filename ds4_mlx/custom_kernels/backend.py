@@ -6,7 +6,8 @@ A kernel body uses only these names (and the kernel's own inputs, outputs and te
   GROUP_X, GROUP_Y, GROUP_Z: the group's index in the grid; LANE, WARP: lane and index of the
   32-wide SIMD group inside the group.
 - SHARED float buf[N];  BARRIER();  WARP_SUM(v), WARP_MAX(v) (called by every thread of a group).
-- EXP, LOG, SQRT, RSQRT, FMAX, FMIN, NEG_INF; `static_cast` between float and the input dtypes.
+- EXP, LOG, SQRT, RSQRT, FMAX, FMIN, RINT (nearest, ties to even), NEG_INF; AS_UINT / AS_FLOAT (a float's
+  bits and back); `static_cast` between float and the input dtypes.
 - INLINE for helper functions in a kernel's header (values only, no pointers: Metal pointers need
   address spaces).
 The grid is given in threads and is always a whole number of groups.
@@ -42,6 +43,9 @@ typedef unsigned int uint;  // Metal's name; NVRTC has no sys/types.h
 #define RSQRT(x) rsqrtf(x)
 #define FMAX(a, b) fmaxf(a, b)
 #define FMIN(a, b) fminf(a, b)
+#define RINT(x) rintf(x)
+#define AS_UINT(x) __float_as_uint(x)
+#define AS_FLOAT(u) __uint_as_float(u)
 #define NEG_INF (-cuda::std::numeric_limits<float>::infinity())
 __device__ __forceinline__ float k_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -71,6 +75,9 @@ METAL_HEADER = COMMON_HEADER + """
 #define RSQRT(x) metal::rsqrt(x)
 #define FMAX(a, b) metal::fmax(a, b)
 #define FMIN(a, b) metal::fmin(a, b)
+#define RINT(x) metal::rint(x)
+#define AS_UINT(x) as_type<uint>(x)
+#define AS_FLOAT(u) as_type<float>(u)
 #define NEG_INF (-INFINITY)
 #define WARP_SUM(v) simd_sum(v)
 #define WARP_MAX(v) simd_max(v)

@@ -1,4 +1,4 @@
-"""mHC collapse and expand for decode (few rows): three kernels, two launches per collapse, one per expand.
+"""mHC collapse and expand: three kernels, two launches per decode collapse (one in prefill), one per expand.
 
 collapse(streams [B, L, hc, D]):
 - `hc_mix_partials`, grid (S groups over the hc*D axis, N+1): group (s, n) multiplies its
@@ -11,8 +11,10 @@ collapse(streams [B, L, hc, D]):
 expand(output, streams, post, comb): `hc_expand`, one thread per (row, d) writing all hc streams
 (groups of 128: 32 groups per row at D = 4096).
 
-The pure-MLX reference (layers/hyper_connections.py) runs where there is no GPU backend, a kernel
-fails to build, or the shapes are outside the kernels' range (more than MAX_ROWS rows for collapse).
+More than MAX_ROWS rows (prefill): MLX computes the mixes' products (one fp32 matrix product, the row's sum
+of squares) as a single partial per row, and `hc_collapse_finish` does the rest in one launch (the
+reference's Sinkhorn alone is ~80 small MLX ops). The pure-MLX reference (layers/hyper_connections.py) runs
+where there is no GPU backend, a kernel fails to build, or the shapes are outside the kernels' range.
 """
 
 import math
@@ -23,7 +25,7 @@ import mlx.core as mx
 from . import backend
 from ..layers import hyper_connections as layer
 
-MAX_ROWS = 16  # collapse rows (batch * length) handled by the kernels; prefill uses the reference
+MAX_ROWS = 16  # collapse rows (batch * length) whose mixes hc_mix_partials computes; more: MLX's product
 MIX_THREADS, MIX_PER_THREAD = 256, 4  # 1024 columns of fn per group: 16 x 25 = 400 groups at Flash shapes
 FINISH_THREADS, FINISH_PER_THREAD = 256, 4  # 1024 block-input elements per group
 FLOAT_TYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -164,15 +166,19 @@ def collapse(streams: mx.array, fn: mx.array, base: mx.array, scale: mx.array, i
     def reference():
         return layer.collapse_reference(streams, fn, base, scale, iters, eps, norm_eps)
 
-    if (backend.backend() is None or not 0 < rows <= MAX_ROWS or tuple(fn.shape) != (n, k)
+    if (backend.backend() is None or rows == 0 or tuple(fn.shape) != (n, k)
             or base.size != n or scale.size != 3 or n + 1 > FINISH_THREADS
             or any(a.dtype not in FLOAT_TYPES for a in (streams, fn, base, scale))):
         return reference()
-    splits = -(-k // (MIX_THREADS * MIX_PER_THREAD))
-    part = MIX.run([streams, fn], [("T", streams.dtype), ("W", fn.dtype), ("K", k), ("N", n), ("R", rows),
-                                   ("S", splits), ("NT", MIX_THREADS), ("PER", MIX_PER_THREAD)],
-                   grid=(splits * MIX_THREADS, n + 1, 1), threadgroup=(MIX_THREADS, 1, 1),
-                   output_shapes=[(rows, n + 1, splits)], output_dtypes=[mx.float32], reference=lambda: None)
+    if rows > MAX_ROWS:  # prefill: the products in MLX (one matrix product), as one partial per row
+        flat = streams.astype(mx.float32).reshape(rows, k)
+        part, splits = [mx.concatenate([flat @ fn.T, mx.sum(flat * flat, axis=-1, keepdims=True)], axis=-1)], 1
+    else:
+        splits = -(-k // (MIX_THREADS * MIX_PER_THREAD))
+        part = MIX.run([streams, fn], [("T", streams.dtype), ("W", fn.dtype), ("K", k), ("N", n), ("R", rows),
+                                       ("S", splits), ("NT", MIX_THREADS), ("PER", MIX_PER_THREAD)],
+                       grid=(splits * MIX_THREADS, n + 1, 1), threadgroup=(MIX_THREADS, 1, 1),
+                       output_shapes=[(rows, n + 1, splits)], output_dtypes=[mx.float32], reference=lambda: None)
     if part is None:
         return reference()
     groups = -(-dim // (FINISH_THREADS * FINISH_PER_THREAD))

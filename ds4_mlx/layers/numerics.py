@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import compiled
+from ..custom_kernels import rounding
 
 FP8_MAX = 448.0  # largest e4m3 value
 DECODE_SIZE = 1 << 16  # elements: inputs up to this size are decode-sized
@@ -73,14 +74,24 @@ def _block_round_trip(x, block, fmt_max, amax_floor, fmt):
     return (y * scale).reshape(shape).astype(dtype)
 
 
+FORMATS = {"e4m3": (FP8_MAX, 1e-4), "e2m1": (FP4_MAX, FP4_MAX * 2.0**-126)}  # (largest value, amax floor)
+
+
+def _round_trip(x: mx.array, block: int, fmt: str) -> mx.array:
+    """The block round trip: one kernel launch where there is a GPU backend, else `_block_round_trip`."""
+    fmt_max, amax_floor = FORMATS[fmt]
+    return rounding.block_round_trip(x, block, fmt, fmt_max, amax_floor,
+                                     lambda: _block_round_trip(x, block, fmt_max, amax_floor, fmt))
+
+
 def fp8_round_trip(x: mx.array, block: int) -> mx.array:
     """Quantize to FP8 e4m3 with one power-of-two scale per `block` values and back."""
-    return _block_round_trip(x, block, FP8_MAX, 1e-4, "e4m3")
+    return _round_trip(x, block, "e4m3")
 
 
 def fp4_round_trip(x: mx.array, block: int = 32) -> mx.array:
     """Quantize to FP4 e2m1 with one power-of-two scale per `block` values and back."""
-    return _block_round_trip(x, block, FP4_MAX, FP4_MAX * 2.0**-126, "e2m1")
+    return _round_trip(x, block, "e2m1")
 
 
 @lru_cache(maxsize=4)
@@ -109,10 +120,16 @@ def fp8_input(x: mx.array, enabled: bool) -> mx.array:
     return fp8_round_trip(x, 128) if enabled else x
 
 
-@fused_for_decode
 def fp8_kv(rows: mx.array, rope_dims: int) -> mx.array:
     """FP8 round trip (block 64) of the non-RoPE dims of KV rows; the RoPE dims stay as they are."""
-    nope = fp8_round_trip(rows[..., :-rope_dims], 64)
+    fmt_max, amax_floor = FORMATS["e4m3"]
+    return rounding.block_round_trip(rows, 64, "e4m3", fmt_max, amax_floor, lambda: _fp8_kv(rows, rope_dims),
+                                     rounded=rows.shape[-1] - rope_dims)
+
+
+@fused_for_decode
+def _fp8_kv(rows: mx.array, rope_dims: int) -> mx.array:
+    nope = _block_round_trip(rows[..., :-rope_dims], 64, *FORMATS["e4m3"], "e4m3")
     return mx.concatenate([nope, rows[..., -rope_dims:]], axis=-1)
 
 
