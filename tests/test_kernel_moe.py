@@ -20,6 +20,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import kernel_weights
 from kernel_emulator import emulate, record_launches
 
 from ds4_mlx.custom_kernels import backend
@@ -272,13 +273,10 @@ def test_reference_where_the_kernels_do_not_apply(emulated):
 # ---- prefill: grouped tensor-core products (custom_kernels/moe_prefill.py, prefill_matmul.py) ----
 
 def rounded_experts(linears, dtype):
-    """Unquantized stacked linears holding the weights s * q + b of quantized ones, computed in fp32 and
-    rounded once to `dtype`: the weights moe_prefill multiplies with. (mx.dequantize with bf16 scales
-    rounds s * q to bf16 before adding b: one ulp off in ~16% of 2-bit weights.)"""
+    """Unquantized stacked linears holding the weights moe_prefill multiplies with (conftest.kernel_weights)."""
     out = []
     for q in linears:
-        w = mx.dequantize(q.weight, q.scales.astype(mx.float32), q.biases.astype(mx.float32),
-                          group_size=q.group_size, bits=q.bits, mode="affine")
+        w = kernel_weights(q, dtype)
         linear = StackedLinear(w.shape[2], w.shape[1], w.shape[0])
         linear.weight = w.astype(dtype)
         out.append(linear)

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import kernel_weights
 from kernel_emulator import emulate, record_launches
 
 from ds4_mlx.custom_kernels import backend, hyper_connections
@@ -33,17 +34,6 @@ def random_layer(shape, mode, seed):
     layer = StackedLinear(in_dims, out_dims, groups[0]) if groups else Linear(in_dims, out_dims)
     layer.weight = mx.random.normal(tuple(shape), key=mx.random.key(seed)) / math.sqrt(in_dims)
     return quantized(layer, mode)
-
-
-def decoded(layer, dtype=mx.bfloat16) -> mx.array:
-    """The weights the kernel multiplies with, fp32: s * q + b (fp32 scales) or mxfp8 codes, rounded to `dtype`."""
-    if layer.mode == "affine":
-        w = mx.dequantize(layer.weight, layer.scales.astype(mx.float32), layer.biases.astype(mx.float32),
-                          group_size=layer.group_size, bits=layer.bits, mode="affine")
-    else:
-        w = mx.dequantize(layer.weight, layer.scales, group_size=layer.group_size, bits=layer.bits, mode="mxfp8",
-                          dtype=mx.float32)
-    return w.astype(dtype).astype(mx.float32)
 
 
 def assert_rounding_flips_only(ours, exact, magnitude, flips=0.02):
@@ -82,7 +72,7 @@ def test_linear_emulated(emulated, mode, dtype):
     x = mx.random.normal((2, 150, 256), key=mx.random.key(2)).astype(dtype)
     ours = layer(x)
     assert ours.shape == (2, 150, 192) and ours.dtype == dtype
-    assert_rounding_flips_only(ours, *products(x, decoded(layer, dtype), False))
+    assert_rounding_flips_only(ours, *products(x, kernel_weights(layer, dtype), False))
     assert emulated == [f"prefill_matmul_{mode}"]
 
 
@@ -93,12 +83,12 @@ def test_per_group_emulated(emulated):
     x = mx.random.normal((1, 140, 4, 1, 128), key=mx.random.key(4)).astype(mx.bfloat16)
     ours = layer.per_group(x, mx.arange(4))
     assert ours.shape == (1, 140, 4, 1, 64)
-    exact, magnitude = products(x, decoded(layer), True)
+    exact, magnitude = products(x, kernel_weights(layer), True)
     assert_rounding_flips_only(ours, exact, magnitude)
     assert emulated == ["prefill_matmul_mxfp8"]
     # the unquantized stack computes the same thing through its own product
     dense = StackedLinear(128, 64, 4)
-    dense.weight = decoded(layer)
+    dense.weight = kernel_weights(layer)
     np.testing.assert_allclose(np.array(dense.per_group(x.astype(mx.float32), mx.arange(4))), np.array(exact),
                                rtol=1e-5, atol=1e-5)
 
@@ -143,7 +133,7 @@ def test_gpu_flash_shapes(shape, mode):
     ours = layer.per_group(x, mx.arange(shape[0])) if len(shape) == 3 else layer(x)
     mx.eval(ours)
     with mx.stream(mx.cpu):
-        exact, magnitude = products(x, decoded(layer), len(shape) == 3)
+        exact, magnitude = products(x, kernel_weights(layer), len(shape) == 3)
         mx.eval(exact, magnitude)
     if mode == "mxfp8":
         assert_rounding_flips_only(ours, exact, magnitude, flips=0.05)
