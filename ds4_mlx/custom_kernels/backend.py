@@ -171,7 +171,7 @@ class Kernel:
 
 
 KERNELS: List[Kernel] = []
-_FLOATS: Dict[float, mx.array] = {}
+_FLOATS: Dict[Tuple[float, ...], mx.array] = {}
 
 
 def fill(text: str, **values) -> str:
@@ -182,11 +182,11 @@ def fill(text: str, **values) -> str:
     return text
 
 
-def float_input(value: float) -> mx.array:
-    """A float as a 1-element fp32 kernel input (template arguments cannot be floats), one array per value."""
-    key = float(value)
+def float_input(*values: float) -> mx.array:
+    """Floats as one fp32 kernel input (template arguments cannot be floats), one array per tuple of values."""
+    key = tuple(float(v) for v in values)
     if key not in _FLOATS:
-        _FLOATS[key] = mx.array([key], dtype=mx.float32)
+        _FLOATS[key] = mx.array(key, dtype=mx.float32)
     return _FLOATS[key]
 
 

@@ -18,7 +18,6 @@ where there is no GPU backend, a kernel fails to build, or the shapes are outsid
 """
 
 import math
-from functools import lru_cache
 
 import mlx.core as mx
 
@@ -150,12 +149,6 @@ FINISH = backend.kernel("hc_collapse_finish", ["part", "x", "base", "scale", "ep
 EXPAND = backend.kernel("hc_expand", ["block_out", "x", "post", "comb"], ["y"], _EXPAND_BODY)
 
 
-@lru_cache(maxsize=None)
-def _eps(norm_eps: float, hc_eps: float) -> mx.array:
-    """The two epsilons as a 2-element fp32 input (template arguments cannot be floats)."""
-    return mx.array([norm_eps, hc_eps], dtype=mx.float32)
-
-
 def collapse(streams: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, eps: float,
              norm_eps: float):
     """streams [B, L, hc, D] -> (block input [B, L, D] in the streams' dtype, post [B, L, hc] fp32,
@@ -182,7 +175,7 @@ def collapse(streams: mx.array, fn: mx.array, base: mx.array, scale: mx.array, i
     if part is None:
         return reference()
     groups = -(-dim // (FINISH_THREADS * FINISH_PER_THREAD))
-    out = FINISH.run([part[0], streams, base, scale, _eps(float(norm_eps), float(eps))],
+    out = FINISH.run([part[0], streams, base, scale, backend.float_input(norm_eps, eps)],
                      [("T", streams.dtype), ("HC", hc), ("D", dim), ("K", k), ("S", splits), ("ITERS", iters),
                       ("NT", FINISH_THREADS), ("PER", FINISH_PER_THREAD)],
                      grid=(groups * FINISH_THREADS, rows, 1), threadgroup=(FINISH_THREADS, 1, 1),

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from . import backend
-from .prefill_matmul import ACTIVATIONS, BK, BM, BN, LDA, LDC, THREADS, WMMA_HEADER
+from .prefill_matmul import ACTIVATIONS, BK, BM, BN, LDA, LDC, STORE, THREADS, WMMA_HEADER, mma
 
 LDB = BN + 8  # the value tile's row stride (row-major B)
 SCORE_BUDGET = 1 << 27  # fp32 score elements of one launch (512 MB)
@@ -72,35 +72,16 @@ for (int v = int(TID); v < BM * BK / 8; v += NT) {
 }
 """
 
-# the warp's accumulators into c_tile [BM][LDC] fp32 (after every warp's last product)
-STORE = """
-BARRIER();
-for (int i = 0; i < 2; ++i)
-  for (int jj = 0; jj < 2; ++jj)
-    wmma::store_matrix_sync(c_tile + (wm * 32 + i * 16) * LDC + wn * 32 + jj * 16, acc[i][jj], LDC,
-                            wmma::mem_row_major);
-BARRIER();
-"""
-
-# one warp's 32 x 32 quarter of the tile over @STEPS@ columns of a_tile (row-major, stride @LDA@) and B
-# fragments (@LAYOUT@, stride @LDB@) at @B_AT@ (for the warp's 16-column part jj and step kk)
-_MMA = """
-for (int kk = 0; kk < @STEPS@; kk += 16) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-  for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], a_tile + (wm * 32 + i * 16) * @LDA@ + kk, @LDA@);
-  for (int jj = 0; jj < 2; ++jj) {
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::@LAYOUT@> bf;
-    wmma::load_matrix_sync(bf, @B_AT@, @LDB@);
-    for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][jj], a[i], bf, acc[i][jj]);
+# 16-byte copies of 8 elements: @COLS@ elements from @FROM@ of each key row (zeros where there is none) into
+# b_tile [@KEYS@][@LD@]
+_COPY_KEYS = """
+  for (int v = int(TID); v < @KEYS@ * @COLS@ / 8; v += NT) {
+    const int r = v / (@COLS@ / 8), c = (v % (@COLS@ / 8)) * 8;
+    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
+    if (key_rows[r] != nullptr) chunk = *reinterpret_cast<const uint4*>(key_rows[r] + @FROM@ + c);
+    *reinterpret_cast<uint4*>(b_tile + r * @LD@ + c) = chunk;
   }
-}
 """
-
-
-def mma(steps: str, lda: str, layout: str, b_at: str, ldb: str) -> str:
-    """The product step of a 64 x 64 tile (four warps), as source: see _MMA."""
-    return backend.fill(_MMA, STEPS=steps, LDA=lda, LAYOUT=layout, B_AT=b_at, LDB=ldb)
-
 
 _SCORES = """
 const int col_tiles = nk / BN;
@@ -113,12 +94,7 @@ const T* q_heads = q + (size_t(b) * n_all + qi) * H * D;
 for (int k0 = 0; k0 < D; k0 += BK) {
   BARRIER();
 @COPY_A@
-  for (int v = int(TID); v < BN * BK / 8; v += NT) {
-    const int n = v / (BK / 8), kk = (v % (BK / 8)) * 8;
-    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
-    if (key_rows[n] != nullptr) chunk = *reinterpret_cast<const uint4*>(key_rows[n] + k0 + kk);
-    *reinterpret_cast<uint4*>(b_tile + n * LDA + kk) = chunk;
-  }
+@COPY_KEYS@
   BARRIER();
 @MMA@
 }
@@ -144,12 +120,7 @@ for (int u0 = 0; u0 < nk; u0 += BK) {
 @KEY_ROWS@
   BARRIER();
 @COPY_A@
-  for (int v = int(TID); v < BK * BN / 8; v += NT) {
-    const int k = v / (BN / 8), dd = (v % (BN / 8)) * 8;
-    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
-    if (key_rows[k] != nullptr) chunk = *reinterpret_cast<const uint4*>(key_rows[k] + d0 + dd);
-    *reinterpret_cast<uint4*>(b_tile + k * LDB + dd) = chunk;
-  }
+@COPY_KEYS@
   BARRIER();
 @MMA@
 }
@@ -164,18 +135,20 @@ for (int v = int(TID); v < BM * BN; v += NT) {
 """
 
 
-def _kernel(name, inputs, outputs, body, keys, a_row, product):
+def _kernel(name, inputs, outputs, body, keys, a_row, key_cols, product):
+    """key_cols: (COLS, FROM, LD) of _COPY_KEYS."""
+    cols, start, ld = key_cols
     source = backend.fill(_PREAMBLE, KT=keys) + backend.fill(
-        body, KEY_ROWS=backend.fill(_KEY_ROWS, KT=keys), COPY_A=backend.fill(_COPY_A, ROW=a_row), MMA=product,
-        STORE=STORE)
+        body, KEY_ROWS=backend.fill(_KEY_ROWS, KT=keys), COPY_A=backend.fill(_COPY_A, ROW=a_row),
+        COPY_KEYS=backend.fill(_COPY_KEYS, KEYS=keys, COLS=cols, FROM=start, LD=ld), MMA=product, STORE=STORE)
     return backend.kernel(name, inputs, outputs, source, WMMA_HEADER, backends=("cuda",))
 
 
 SCORES = _kernel("prefill_scores", ["q", "wkeys", "comp", "picks", "scale_in", "meta"], ["scores"], _SCORES,
-                 "BN", "q_heads + (h0 + m) * D + k0",
+                 "BN", "q_heads + (h0 + m) * D + k0", ("BK", "k0", "LDA"),
                  mma("BK", "LDA", "col_major", "b_tile + (wn * 32 + jj * 16) * LDA + kk", "LDA"))
 VALUES = _kernel("prefill_values", ["probs", "wkeys", "comp", "picks", "den", "meta"], ["out"], _VALUES,
-                 "BK", "p_heads + (h0 + m) * nk + u0",
+                 "BK", "p_heads + (h0 + m) * nk + u0", ("BN", "d0", "LDB"),
                  mma("BK", "LDA", "row_major", "b_tile + kk * LDB + wn * 32 + jj * 16", "LDB"))
 
 

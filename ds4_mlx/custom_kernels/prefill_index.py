@@ -15,8 +15,7 @@ from typing import Callable, List
 import mlx.core as mx
 
 from . import backend
-from .prefill_attention import STORE, mma
-from .prefill_matmul import ACTIVATIONS, BM, BN, LDC, THREADS, WMMA_HEADER
+from .prefill_matmul import ACTIVATIONS, BM, BN, LDC, STORE, THREADS, WMMA_HEADER, mma
 
 MAX_HEAD_DIM = 128  # two 64 x (128 + 8) tiles of bf16 and the fp32 results within 48 KB of shared memory
 

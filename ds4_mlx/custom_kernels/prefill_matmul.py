@@ -40,6 +40,37 @@ WMMA_HEADER = """
 #endif
 namespace wmma = nvcuda::wmma;
 """
+# the warp's accumulators into c_tile [BM][LDC] fp32 (after every warp's last product)
+STORE = """
+BARRIER();
+for (int i = 0; i < 2; ++i)
+  for (int jj = 0; jj < 2; ++jj)
+    wmma::store_matrix_sync(c_tile + (wm * 32 + i * 16) * LDC + wn * 32 + jj * 16, acc[i][jj], LDC,
+                            wmma::mem_row_major);
+BARRIER();
+"""
+
+# one warp's 32 x 32 quarter of the tile over @STEPS@ columns of a_tile (row-major, stride @LDA@) and B
+# fragments (@LAYOUT@, stride @LDB@) at @B_AT@ (for the warp's 16-column part jj and step kk)
+_MMA = """
+for (int kk = 0; kk < @STEPS@; kk += 16) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+  for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], a_tile + (wm * 32 + i * 16) * @LDA@ + kk, @LDA@);
+  for (int jj = 0; jj < 2; ++jj) {
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::@LAYOUT@> bf;
+    wmma::load_matrix_sync(bf, @B_AT@, @LDB@);
+    for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][jj], a[i], bf, acc[i][jj]);
+  }
+}
+"""
+
+
+def mma(steps: str, lda: str, layout: str, b_at: str, ldb: str) -> str:
+    """The product step of a 64 x 64 tile (four warps) for the kernels that tile one matrix this way
+    (prefill_attention, prefill_index), as source: see _MMA."""
+    return backend.fill(_MMA, STEPS=steps, LDA=lda, LAYOUT=layout, B_AT=b_at, LDB=ldb)
+
+
 _HEADER = WMMA_HEADER + """
 INLINE float k_e8m0(uint e) { return __uint_as_float(e ? e << 23 : 0x00400000u); }  // 2^(e - 127)
 INLINE float k_e4m3(uint c) {

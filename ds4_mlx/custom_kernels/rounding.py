@@ -64,16 +64,7 @@ if (block % uint(BLOCKS_PER_ROW) == uint(BLOCKS_PER_ROW - 1)) {  // the row's la
 }
 """
 
-KERNEL = backend.kernel("block_round_trip", ["x", "params"], ["y_out"], _BODY, _HEADER)
-_PARAMS = {}
-
-
-def _params(fmt_max: float, amax_floor: float) -> mx.array:
-    """[1 / fmt_max (fp32-rounded), amax floor, fmt_max] as one fp32 input, one array per format."""
-    key = (fmt_max, amax_floor)
-    if key not in _PARAMS:
-        _PARAMS[key] = mx.array([1.0 / fmt_max, amax_floor, fmt_max], dtype=mx.float32)
-    return _PARAMS[key]
+KERNEL = backend.kernel("block_round_trip", ["x", "params"], ["y_out"], _BODY, _HEADER)  # params: 1 / max, floor, max
 
 
 def block_round_trip(x: mx.array, block: int, fmt: str, fmt_max: float, amax_floor: float,
@@ -88,6 +79,6 @@ def block_round_trip(x: mx.array, block: int, fmt: str, fmt_max: float, amax_flo
     blocks = x.size // width * (rounded // block)
     warps = next(w for w in (MAX_WARPS, 4, 2, 1) if blocks % w == 0)
     template = [("T", x.dtype), ("BLOCK", block), ("WIDTH", width), ("ROUNDED", rounded), ("FMT", FORMATS[fmt])]
-    return KERNEL.run([x, _params(fmt_max, amax_floor)], template, grid=(blocks * 32, 1, 1),
+    return KERNEL.run([x, backend.float_input(1.0 / fmt_max, amax_floor, fmt_max)], template, grid=(blocks * 32, 1, 1),
                       threadgroup=(32 * warps, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype],
                       reference=lambda: [reference()])[0]
