@@ -81,6 +81,8 @@ using std::max;
 #define __align__(n) __attribute__((aligned(n)))
 struct uint4 { unsigned x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct uint2 { unsigned x, y; };
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 // nvcuda::wmma for 16 x 16 x 16 tiles: lane 0 of each warp holds, computes and stores the whole tile
 #define K_HOST_STUB
 namespace nvcuda { namespace wmma {
@@ -127,6 +129,10 @@ inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float fmax(float a, float b) { return std::fmax(a, b); }
 inline float fmin(float a, float b) { return std::fmin(a, b); }
 inline float rint(float x) { return std::rint(x); }
+namespace precise {
+inline float cos(float x) { return std::cos(x); }
+inline float sin(float x) { return std::sin(x); }
+}
 }
 template <typename To, typename From> To as_type(From v) { To t; std::memcpy(&t, &v, sizeof(To)); return t; }
 enum class mem_flags { mem_none, mem_threadgroup, mem_device };
@@ -241,10 +247,16 @@ def emulated_launch(self, backend_name, inputs, template, grid, threadgroup, out
 
 
 def emulate(monkeypatch):
-    """Route every kernel launch through the CPU emulator for the rest of the test."""
+    """Route every kernel launch through the CPU emulator for the rest of the test. A kernel that fails (its
+    source does not compile, its launch raises) fails the test instead of falling back to its reference."""
     monkeypatch.setattr(backend.Kernel, "launch", emulated_launch)
     monkeypatch.setattr(backend, "backend", lambda: "cuda")
     monkeypatch.setattr(backend, "_enabled", True)
+
+    def no_fallback(message, *args):
+        raise AssertionError(message % args)
+
+    monkeypatch.setattr(backend.log, "warning", no_fallback)
 
 
 def record_launches(monkeypatch):

@@ -7,7 +7,9 @@ of each output group; a plain linear: one group), each group multiplied by its o
 stack of E. The rows of a group are cut into tiles of BM; a thread group computes a BM x BN tile:
 - each K step (BK = 64 columns) it copies its rows' activations into shared memory and decodes the BN x BK
   weight slice into shared memory in the activation dtype (affine 2/4/8-bit: s * q + b in fp32, rounded
-  once; mxfp8: e4m3 code times 2^(e - 127), exact in bf16);
+  once; mxfp8: e4m3 code times 2^(e - 127), exact in bf16), two values per conversion instruction and codes
+  turned into floats by their bits (no integer conversion instructions); the next step's activations and
+  packed weights are loaded into registers while the tensor cores multiply the current step;
 - four warps multiply 16 x 16 x 16 fragments (nvcuda::wmma, fp32 accumulators), each a 32 x 32 quarter;
 - the epilogue rounds to the activation dtype (`matmul`), or, for the routed experts' gate and up
   products computed together (`gate_up`), rounds both and writes the route-weighted clamped SwiGLU.
@@ -53,12 +55,16 @@ BARRIER();
 # one warp's 32 x 32 quarter of the tile over @STEPS@ columns of a_tile (row-major, stride @LDA@) and B
 # fragments (@LAYOUT@, stride @LDB@) at @B_AT@ (for the warp's 16-column part jj and step kk)
 _MMA = """
+#pragma unroll
 for (int kk = 0; kk < @STEPS@; kk += 16) {
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+  #pragma unroll
   for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], a_tile + (wm * 32 + i * 16) * @LDA@ + kk, @LDA@);
+  #pragma unroll
   for (int jj = 0; jj < 2; ++jj) {
     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::@LAYOUT@> bf;
     wmma::load_matrix_sync(bf, @B_AT@, @LDB@);
+    #pragma unroll
     for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][jj], a[i], bf, acc[i][jj]);
   }
 }
@@ -72,12 +78,32 @@ def mma(steps: str, lda: str, layout: str, b_at: str, ldb: str) -> str:
 
 
 _HEADER = WMMA_HEADER + """
+INLINE float k_small(uint q) { return __uint_as_float(0x4B000000u | q) - 8388608.0f; }  // float(q), q < 2^23, no I2F
 INLINE float k_e8m0(uint e) { return __uint_as_float(e ? e << 23 : 0x00400000u); }  // 2^(e - 127)
 INLINE float k_e4m3(uint c) {
   const uint e = (c >> 3) & 15u, m = c & 7u;
-  const float v = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : float(m) * 0.001953125f;
+  const float v = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : k_small(m) * 0.001953125f;
   return (c & 128u) ? -v : v;
 }
+// two floats rounded to the activation dtype, packed (a in the low half): one conversion instruction for both
+#ifndef K_HOST_STUB
+INLINE uint k_pack2(float a, float b, __nv_bfloat16) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint*>(&v);
+}
+INLINE uint k_pack2(float a, float b, __half) {
+  const __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint*>(&v);
+}
+#else
+template <typename U> INLINE uint k_pack2(float a, float b, U) {
+  const U lo = static_cast<U>(a), hi = static_cast<U>(b);
+  uint16_t l, h;
+  std::memcpy(&l, &lo, 2);
+  std::memcpy(&h, &hi, 2);
+  return uint(l) | (uint(h) << 16);
+}
+#endif
 """
 
 _BODY = """
@@ -86,6 +112,8 @@ constexpr uint MASK = (1u << BITS) - 1u;
 constexpr int WORDS = K / PER_WORD;  // packed words per weight row
 constexpr int GROUPS = K / GS;  // scales per weight row
 constexpr int KW = BK / PER_WORD;  // words per weight row in one K step
+constexpr int A_COPIES = BM * BK / 8 / NT;  // 16-byte copies of activations per thread and K step
+constexpr int B_WORDS = BN * KW / NT;  // packed words per thread, matrix and K step
 const int tile = int(GROUP_Y);
 if (tile >= tile_starts[E]) return;
 int lo = 0, hi = E;  // the group e with tile_starts[e] <= tile < tile_starts[e + 1]
@@ -104,40 +132,74 @@ T* a_tile = reinterpret_cast<T*>(smem);
 T* b_tile = a_tile + BM * LDA;
 const int wm = int(WARP) >> 1, wn = int(WARP) & 1;  // this warp's 32 x 32 quarter
 wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MATS][2][2];
+#pragma unroll
 for (int m = 0; m < MATS; ++m)
+  #pragma unroll
   for (int i = 0; i < 2; ++i)
+    #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[m][i][j], 0.0f);
+// the next K step's activations and packed weights (with their scales), loaded into registers while the
+// tensor cores multiply the current step
+uint4 a_next[A_COPIES];
+uint w_next[MATS][B_WORDS];
+float s_next[MATS][B_WORDS], b_next[MATS][B_WORDS];
+int k_load = 0;  // the K step the loads read
+@LOAD@
 for (int k0 = 0; k0 < K; k0 += BK) {
-  BARRIER();
-  for (int v = int(TID); v < BM * BK / 8; v += NT) {  // 8 activations (16 bytes) per copy
-    const int m = v / (BK / 8), kk = (v % (BK / 8)) * 8;
-    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
-    if (m < rows) chunk = *reinterpret_cast<const uint4*>(x + size_t(r0 + m) * K + k0 + kk);
-    *reinterpret_cast<uint4*>(a_tile + m * LDA + kk) = chunk;
+  BARRIER();  // every warp is done with the previous step's slices
+  #pragma unroll
+  for (int i = 0; i < A_COPIES; ++i) {
+    const int v = int(TID) + i * NT;
+    *reinterpret_cast<uint4*>(a_tile + (v / (BK / 8)) * LDA + (v % (BK / 8)) * 8) = a_next[i];
   }
-  for (int v = int(TID); v < BN * KW; v += NT) {
-    const int n = v / KW, wd = v % KW;
-    const size_t row = size_t(e) * N + n0 + n;
-    const int kk = wd * PER_WORD;
-    const int g = (k0 + kk) / GS;
-@DECODE@
-  }
+  #pragma unroll
+  for (int m = 0; m < MATS; ++m)
+    #pragma unroll
+    for (int i = 0; i < B_WORDS; ++i) {
+      const int v = int(TID) + i * NT;
+      const uint word = w_next[m][i];
+      const float s = s_next[m][i], b = b_next[m][i];
+      uint packed[PER_WORD / 2];
+      #pragma unroll
+      for (int j = 0; j < PER_WORD; j += 2) packed[j / 2] = k_pack2(@VALUE@(j), @VALUE@(j + 1), T());
+      uint* dst = reinterpret_cast<uint*>(b_tile + (m * BN + v / KW) * LDA + (v % KW) * PER_WORD);
+      if (PER_WORD >= 8) {
+        #pragma unroll
+        for (int q = 0; q < PER_WORD / 8; ++q)
+          reinterpret_cast<uint4*>(dst)[q] = make_uint4(packed[4 * q], packed[4 * q + 1], packed[4 * q + 2],
+                                                        packed[4 * q + 3]);
+      } else {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+      }
+    }
   BARRIER();
+  k_load = k0 + BK;
+  if (k_load < K) {
+@LOAD@
+  }
+  #pragma unroll
   for (int kk = 0; kk < BK; kk += 16) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+    #pragma unroll
     for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], a_tile + (wm * 32 + i * 16) * LDA + kk, LDA);
+    #pragma unroll
     for (int m = 0; m < MATS; ++m)
+      #pragma unroll
       for (int j = 0; j < 2; ++j) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
         wmma::load_matrix_sync(b, b_tile + (m * BN + wn * 32 + j * 16) * LDA + kk, LDA);
+        #pragma unroll
         for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[m][i][j], a[i], b, acc[m][i][j]);
       }
   }
 }
 BARRIER();
 float* c_tile = smem;
+#pragma unroll
 for (int m = 0; m < MATS; ++m)
+  #pragma unroll
   for (int i = 0; i < 2; ++i)
+    #pragma unroll
     for (int j = 0; j < 2; ++j)
       wmma::store_matrix_sync(c_tile + (m * BM + wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[m][i][j], LDC,
                               wmma::mem_row_major);
@@ -150,21 +212,37 @@ for (int v = int(TID); v < BM * BN; v += NT) {
 }
 """
 
-# weight decoding, per packed word: into the decoded slice of matrix @M@ (w@W@: codes, s@W@: scales, b@W@: biases)
-_DECODE = {
-    "affine": """    {
-    const uint word = w@W@[row * WORDS + k0 / PER_WORD + wd];
-    const float s = static_cast<float>(s@W@[row * GROUPS + g]), b = static_cast<float>(b@W@[row * GROUPS + g]);
-    T* dst = b_tile + (@M@ * BN + n) * LDA + kk;
-    for (int j = 0; j < PER_WORD; ++j) dst[j] = static_cast<T>(s * float((word >> (j * BITS)) & MASK) + b);
-    }""",
-    "mxfp8": """    {
-    const uint word = w@W@[row * WORDS + k0 / PER_WORD + wd];
-    const float s = k_e8m0(uint(s@W@[row * GROUPS + g]));
-    T* dst = b_tile + (@M@ * BN + n) * LDA + kk;
-    for (int j = 0; j < PER_WORD; ++j) dst[j] = static_cast<T>(k_e4m3((word >> (8 * j)) & 255u) * s);
-    }""",
+# the loads of K step k_load into the registers: the activations, then per matrix @M@ (w@W@: codes, s@W@: scales,
+# b@W@: biases) its packed words and their group's scale (and bias)
+_LOAD_ACTIVATIONS = """  for (int i = 0; i < A_COPIES; ++i) {
+    const int v = int(TID) + i * NT, m = v / (BK / 8);
+    a_next[i] = m < rows ? *reinterpret_cast<const uint4*>(x + size_t(r0 + m) * K + k_load + (v % (BK / 8)) * 8)
+                         : make_uint4(0u, 0u, 0u, 0u);
+  }"""
+_LOAD = {
+    "affine": """  for (int i = 0; i < B_WORDS; ++i) {
+    const int v = int(TID) + i * NT, wd = v % KW;
+    const size_t row = size_t(e) * N + n0 + v / KW;
+    const int g = (k_load + wd * PER_WORD) / GS;
+    w_next[@M@][i] = w@W@[row * WORDS + k_load / PER_WORD + wd];
+    s_next[@M@][i] = static_cast<float>(s@W@[row * GROUPS + g]);
+    b_next[@M@][i] = static_cast<float>(b@W@[row * GROUPS + g]);
+  }""",
+    "mxfp8": """  for (int i = 0; i < B_WORDS; ++i) {
+    const int v = int(TID) + i * NT, wd = v % KW;
+    const size_t row = size_t(e) * N + n0 + v / KW;
+    w_next[@M@][i] = w@W@[row * WORDS + k_load / PER_WORD + wd];
+    s_next[@M@][i] = k_e8m0(uint(s@W@[row * GROUPS + (k_load + wd * PER_WORD) / GS]));
+    b_next[@M@][i] = 0.0f;
+  }""",
 }
+# the decoded weight j of a packed word (affine: s * q + b in fp32, rounded once to T by k_pack2; mxfp8: the
+# e4m3 code times the block's power of two, exact in T)
+_VALUE = {"affine": "K_AFFINE", "mxfp8": "K_MXFP8"}
+_VALUE_MACROS = """
+#define K_AFFINE(j) (s * k_small((word >> ((j) * BITS)) & MASK) + b)
+#define K_MXFP8(j) (k_e4m3((word >> (8 * (j))) & 255u) * s)
+"""
 
 _EPILOGUE = {
     "gate_up": """    // as the reference: the gate and up products rounded to the activation dtype, the SwiGLU in fp32
@@ -185,11 +263,13 @@ FORMATS = {"affine": ("w", "s", "b"), "mxfp8": ("w", "s")}  # the arrays of a qu
 
 def _kernel(epilogue: str, mode: str) -> backend.Kernel:
     matrices = (1, 3) if epilogue == "gate_up" else (1,)
-    decode = "\n".join(backend.fill(_DECODE[mode], W=str(w), M=str(i)) for i, w in enumerate(matrices))
+    load = "\n".join([_LOAD_ACTIVATIONS] + [backend.fill(_LOAD[mode], W=str(w), M=str(i))
+                                            for i, w in enumerate(matrices)])
     weights = [f"{a}{w}" for w in matrices for a in FORMATS[mode]]
     extra = ["route", "params"] if epilogue == "gate_up" else []
     return backend.kernel(f"prefill_{epilogue}_{mode}", ["x", *weights, "row_starts", "tile_starts", *extra], ["y"],
-                          backend.fill(_BODY, DECODE=decode, EPILOGUE=_EPILOGUE[epilogue]), _HEADER,
+                          backend.fill(_BODY, LOAD=load, VALUE=_VALUE[mode], EPILOGUE=_EPILOGUE[epilogue]),
+                          _HEADER + _VALUE_MACROS,
                           backends=("cuda",))
 
 
