@@ -2,9 +2,9 @@
 custom kernels on and off, against the memory-bandwidth ceiling.
 
 For each context C and kernel mode: fresh caches filled to C without prefill (flash.fill_caches), a
-warm-up (the first use of a kernel compiles it), then --tokens decode steps timed as
-ds4_mlx.generate.Session.generate_tokens runs them (the next step's graph is built while the current one
-runs, mx.async_eval). Reported per context and mode:
+warm-up (the first use of a kernel compiles it; at least 4 steps, so that a CSA window completes in it),
+then --tokens decode steps timed as ds4_mlx.generate.Session.generate_tokens runs them (the next step's graph
+is built while the current one runs, mx.async_eval). Reported per context and mode:
   - step_ms, tokens_per_s: the N-layer model (embedding, N layers, mHC head, norm, LM head, sampling);
   - head_ms: embedding + head + sampling of one token, timed in isolation; layer_ms = (step - head) / N;
   - full_depth: the 43-layer figure it implies, simple (head + 43 layer_ms) and by_kind (per kind of layer
@@ -48,7 +48,9 @@ def parse(argv=None):
                         help="comma-separated contexts (default %(default)s)")
     parser.add_argument("--tokens", type=int, default=32,
                         help="timed decode steps per context and mode (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="untimed decode steps first (default %(default)s; fewer than 4 can leave the first "
+                             "completion of a CSA window, and the JIT builds of its kernels, in the timed steps)")
     parser.add_argument("--part-reps", type=int, default=5,
                         help="repetitions of each isolated part; 0 skips the breakdown (default %(default)s)")
     parser.add_argument("--compiled-ab", action="store_true",

@@ -54,6 +54,7 @@ from mlx.utils import tree_flatten
 from ds4_mlx.cache import CompressorState, RowBuffer, WindowCache
 from ds4_mlx.config import ModelArgs
 from ds4_mlx.convert.recipes import EMBED, EXPERT, HEAD, LINEAR, RECIPES, WO_A, Group, recipe_targets
+from ds4_mlx.custom_kernels import backend
 from ds4_mlx.layers.attention import Attention
 from ds4_mlx.layers.compressor import Compressor
 from ds4_mlx.layers.hyper_connections import HyperConnection, HyperHead
@@ -910,6 +911,11 @@ def full_weight_bytes(full: ModelArgs, recipe: str) -> dict:
 
 
 def emit(result: dict, out: Optional[str]):
+    """Print (and write to `out`) the result as JSON, with the kernels that failed to build and ran their
+    pure-MLX reference instead (`kernels_failed`: a kernels-on figure with any is not the kernels' figure)."""
+    result["kernels_failed"] = backend.failed()
+    if result["kernels_failed"]:
+        log(f"[flash] kernels that failed to build (their reference ran instead): {result['kernels_failed']}")
     text = json.dumps(result, indent=2)
     print(text)
     if out:

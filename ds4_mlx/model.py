@@ -51,7 +51,7 @@ class Block(nn.Module):
     def __call__(self, streams: mx.array, cache: WindowCache, token_ids: mx.array) -> mx.array:
         """streams [B, L, hc, dim] -> streams [B, L, hc, dim]. Around the attention's cache work,
         the stateless parts run as two compiled graphs when decoding on a GPU (layers/compiled.py)."""
-        positions = cache.offset + mx.arange(streams.shape[1])
+        positions = mx.arange(cache.offset, cache.offset + streams.shape[1])
         x, post, comb, *projections = self._attention_input(streams, positions)
         out = self.attn.attend(x, projections, cache)
         return self._feed_forward(out, positions, streams, post, comb, token_ids)

@@ -13,15 +13,21 @@ from ds4_mlx.convert import convert
 
 
 @pytest.fixture(autouse=True)
-def _eager_decode_in_gpu_tests(request):
+def _gpu_test_setup(request, monkeypatch):
     """The gpu tests compare the model with a kernel wrapper against a monkeypatched reference: a
     compiled decode graph (ds4_mlx/layers/compiled.py) traced in the first run would keep the wrapper
-    it saw, so they run eagerly (tests/test_compiled.py covers the compiled graphs)."""
+    it saw, so they run eagerly (tests/test_compiled.py covers the compiled graphs). A kernel that fails to
+    build falls back to its reference for users (logged); in a gpu test it fails the test."""
     if request.node.get_closest_marker("gpu") is None:
         yield
         return
+    from ds4_mlx.custom_kernels import backend
     from ds4_mlx.layers import compiled
 
+    def no_fallback(message, *args):
+        raise AssertionError(message % args)
+
+    monkeypatch.setattr(backend.log, "warning", no_fallback)
     initial = compiled.enabled()
     compiled.set_enabled(False)
     yield

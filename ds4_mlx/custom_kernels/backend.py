@@ -6,7 +6,8 @@ A kernel body uses only these names (and the kernel's own inputs, outputs and te
   GROUP_X, GROUP_Y, GROUP_Z: the group's index in the grid; LANE, WARP: lane and index of the
   32-wide SIMD group inside the group.
 - SHARED float buf[N];  BARRIER();  WARP_SUM(v), WARP_MAX(v) (called by every thread of a group).
-- EXP, LOG, SQRT, RSQRT, FMAX, FMIN, RINT (nearest, ties to even), NEG_INF; AS_UINT / AS_FLOAT (a float's
+- EXP, LOG, SQRT, RSQRT, FMAX, FMIN, RINT (nearest, ties to even), COS, SIN (full precision), NEG_INF;
+  AS_UINT / AS_FLOAT (a float's
   bits and back); `static_cast` between float and the input dtypes.
 - INLINE for helper functions in a kernel's header (values only, no pointers: Metal pointers need
   address spaces).
@@ -44,6 +45,8 @@ typedef unsigned int uint;  // Metal's name; NVRTC has no sys/types.h
 #define FMAX(a, b) fmaxf(a, b)
 #define FMIN(a, b) fminf(a, b)
 #define RINT(x) rintf(x)
+#define COS(x) cosf(x)
+#define SIN(x) sinf(x)
 #define AS_UINT(x) __float_as_uint(x)
 #define AS_FLOAT(u) __uint_as_float(u)
 #define NEG_INF (-cuda::std::numeric_limits<float>::infinity())
@@ -76,6 +79,8 @@ METAL_HEADER = COMMON_HEADER + """
 #define FMAX(a, b) metal::fmax(a, b)
 #define FMIN(a, b) metal::fmin(a, b)
 #define RINT(x) metal::rint(x)
+#define COS(x) metal::precise::cos(x)
+#define SIN(x) metal::precise::sin(x)
 #define AS_UINT(x) as_type<uint>(x)
 #define AS_FLOAT(u) as_type<float>(u)
 #define NEG_INF (-INFINITY)
@@ -172,6 +177,11 @@ class Kernel:
 
 KERNELS: List[Kernel] = []
 _FLOATS: Dict[Tuple[float, ...], mx.array] = {}
+
+
+def failed() -> List[str]:
+    """Names of the kernels that failed to build in this process for some configuration (their reference ran)."""
+    return sorted({k.name for k in KERNELS if False in k._checked.values()})
 
 
 def fill(text: str, **values) -> str:

@@ -98,7 +98,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: WindowCache) -> mx.array:
         """x [B, L, dim] at the cache's position -> [B, L, dim]; advances the cache. (The model's
         blocks run the same three steps, with project and output inside their compiled graphs.)"""
-        positions = cache.offset + mx.arange(x.shape[1])
+        positions = mx.arange(cache.offset, cache.offset + x.shape[1])
         return self._output(self.attend(x, self._project(x, positions), cache), positions)
 
     def attend(self, x: mx.array, projections, cache: WindowCache) -> mx.array:

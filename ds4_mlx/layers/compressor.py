@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from ..cache import CompressorState
 from ..config import ModelArgs
+from ..custom_kernels import row_product
 from .linear import Linear
 from .numerics import RMSNorm, fp4_round_trip, fp8_kv, hadamard_rotate
 from .rope import RoPE
@@ -36,16 +37,20 @@ class Compressor(nn.Module):
         self.rope_dims = args.qk_rope_head_dim
 
     def _project(self, x: mx.array, start: int):
-        """Compressor kv and scores (fp32, with the position bias) of x [B, L, dim]."""
-        x32 = x.astype(mx.float32)
-        kv = x32 @ self.wkv.weight.astype(mx.float32).T
-        score = x32 @ self.wgate.weight.astype(mx.float32).T
+        """Compressor kv and scores (fp32, with the position bias) of x [B, L, dim]: one kernel launch for
+        decode-sized x on a GPU (custom_kernels/row_product.py)."""
         length = x.shape[1]
         if length == 1:  # decode: the token's row of the position bias, without an index array
             ape = self.ape[start % self.ratio][None]
         else:
             ape = self.ape[(start + mx.arange(length)) % self.ratio]
-        return kv, score + ape
+
+        def reference():
+            x32 = x.astype(mx.float32)
+            return x32 @ self.wkv.weight.astype(mx.float32).T, x32 @ self.wgate.weight.astype(mx.float32).T + ape
+
+        bias = mx.broadcast_to(ape, (x.shape[0], *ape.shape))
+        return row_product.pair(x, self.wkv.weight, self.wgate.weight, bias, reference)
 
     def _pool(self, kv: mx.array, score: mx.array, state: CompressorState):
         """Softmax-pool complete windows kv/score [B, n, ratio, width] -> [B, n, head_dim]."""
@@ -60,7 +65,8 @@ class Compressor(nn.Module):
 
     def _finish(self, pooled: mx.array, first_window: int, dtype) -> mx.array:
         rows = self.norm(pooled.astype(dtype))
-        positions = (first_window + mx.arange(rows.shape[1])) * self.ratio
+        first = first_window * self.ratio
+        positions = mx.arange(first, first + rows.shape[1] * self.ratio, self.ratio)
         rows = self.rope(rows, positions)
         if not self.rounding:
             return rows

@@ -13,6 +13,7 @@ from .linear import Linear, StackedLinear
 
 from ..config import ModelArgs
 from ..custom_kernels import moe as moe_kernels  # its fallback is routed_experts_reference below
+from ..custom_kernels import row_product
 from .numerics import fp8_input
 
 
@@ -75,7 +76,7 @@ class Gate(nn.Module):
 
     def __call__(self, x: mx.array, token_ids: mx.array):
         """x [N, dim], token_ids [N] -> (weights [N, k] fp32, expert indices [N, k])."""
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        logits = row_product.single(x, self.weight, lambda: x.astype(mx.float32) @ self.weight.astype(mx.float32).T)
         scores = mx.sqrt(mx.logaddexp(logits, 0.0))
         if self.hash:
             indices = self.tid2eid[token_ids]

@@ -10,6 +10,7 @@ import math
 import mlx.core as mx
 
 from ..config import ModelArgs
+from ..custom_kernels import rope as rope_kernel
 from .numerics import fused_for_decode
 
 
@@ -48,9 +49,11 @@ class RoPE:
     def __call__(self, x: mx.array, positions: mx.array, inverse: bool = False) -> mx.array:
         """x: [..., L, (heads,) D]; positions: [L] absolute positions of the L axis.
 
-        `heads` is present when x has 4 dims ([B, L, H, D]); the rotation is the same for all.
+        `heads` is present when x has 4 dims ([B, L, H, D]); the rotation is the same for all. One kernel
+        launch on a GPU (custom_kernels/rope.py).
         """
-        return _rotate(x, positions, self.dim_freq, _SIN_SIGN[inverse])
+        return rope_kernel.rotate(x, positions, self.dim_freq, inverse,
+                                  lambda: _rotate(x, positions, self.dim_freq, _SIN_SIGN[inverse]))
 
 
 # pair (re, im) -> (re cos - im sin, im cos + re sin), computed per dim as v cos + swapped(v) (sign sin)

@@ -1,0 +1,264 @@
+"""The kernels that replace chains of small MLX ops in a decode step: RoPE, RMSNorm and the fp32 row products
+(custom_kernels/rope.py, norm.py, row_product.py) against their pure-MLX references (layers/rope.py,
+layers/numerics.py, the gate's and the compressor's fp32 products) and an exact float64 computation: emulated on
+the CPU (both flavours compiled) and on the GPU."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from kernel_emulator import emulate, record_launches
+
+from ds4_mlx.config import ModelArgs
+from ds4_mlx.custom_kernels import backend, row_product
+from ds4_mlx.layers import rope
+from ds4_mlx.layers.numerics import RMSNorm
+
+ARGS = ModelArgs(num_hidden_layers=1, compress_ratios=[0, 0], rope_scaling={  # Flash's YaRN
+    "type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1})
+MANTISSA = {mx.bfloat16: 7, mx.float16: 10, mx.float32: 23}
+
+
+def assert_near_exact(ours, reference, exact, ulps, flips, magnitude=0.0):
+    """ours and the reference within `ulps` units in the last place of their dtype of the float64 `exact` (plus
+    what fp32 arithmetic can lose where terms of absolute sum `magnitude` cancel); ours differs from the
+    reference in at most a fraction `flips` of the elements."""
+    assert ours.dtype == reference.dtype and ours.shape == reference.shape
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 2.0**-100))) - MANTISSA[ours.dtype])
+    allowed = ulps * ulp + 2.0**-21 * magnitude
+    for out in (ours, reference):
+        error = np.abs(np.array(out.astype(mx.float32)).astype(np.float64) - exact)
+        assert (error <= allowed).all(), (error / allowed).max()
+    differ = np.array(ours.astype(mx.float32)) != np.array(reference.astype(mx.float32))
+    assert differ.mean() <= flips, differ.mean()
+
+
+def exact_rope(x, positions, dim_freq, inverse):
+    """float64 rotation of the last len(dim_freq) dims (angles from the fp32 frequencies, as the kernel), and the
+    absolute sum of each output's two terms."""
+    x = np.array(x.astype(mx.float32)).astype(np.float64)
+    dims = dim_freq.shape[0]
+    angles = (np.array(positions, np.float32)[:, None] * np.array(dim_freq)[None, ::2]).astype(np.float64)
+    if x.ndim == 4:
+        angles = angles[:, None]
+    cos, sin = np.cos(angles), np.sin(angles) * (-1 if inverse else 1)
+    re, im = x[..., -dims::2], x[..., -dims + 1::2]
+    out, magnitude = x.copy(), np.zeros_like(x)
+    out[..., -dims::2] = re * cos - im * sin
+    out[..., -dims + 1::2] = im * cos + re * sin
+    magnitude[..., -dims::2] = np.abs(re * cos) + np.abs(im * sin)
+    magnitude[..., -dims + 1::2] = np.abs(im * cos) + np.abs(re * sin)
+    return out, magnitude
+
+
+ROPE_CASES = [  # (name, shape, dtype, compressed, inverse, first position)
+    ("heads-bf16", (1, 3, 4, 128), mx.bfloat16, True, False, 70_000),
+    ("heads-inverse", (2, 2, 3, 128), mx.bfloat16, False, True, 5),
+    ("rows-fp32", (2, 5, 96), mx.float32, True, False, 1_000_000),
+    ("rows-fp16", (1, 6, 64), mx.float16, False, False, 0),
+]
+
+
+def rope_case(case):
+    name, shape, dtype, compressed, inverse, first = case
+    module = rope.RoPE(ARGS, compressed=compressed)
+    rng = np.random.default_rng(ROPE_CASES.index(case))
+    x = mx.array(rng.normal(size=shape).astype(np.float32)).astype(dtype)
+    length = shape[1]
+    positions = mx.arange(first, first + length)
+    return module, x, positions, inverse
+
+
+@pytest.mark.parametrize("case", ROPE_CASES, ids=[c[0] for c in ROPE_CASES])
+def test_rope_emulated(monkeypatch, case):
+    module, x, positions, inverse = rope_case(case)
+    reference = rope._rotate(x, positions, module.dim_freq, rope._SIN_SIGN[inverse])
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    ours = module(x, positions, inverse=inverse)
+    assert launched == ["rope"]
+    dims = module.dims
+    np.testing.assert_array_equal(np.array(ours[..., :-dims].astype(mx.float32)),
+                                  np.array(x[..., :-dims].astype(mx.float32)))  # the other dims copied
+    ulps = 4 if x.dtype == mx.float32 else 1  # fp32: cos and sin of large angles, each within an ulp or two
+    exact, magnitude = exact_rope(x, positions, module.dim_freq, inverse)
+    assert_near_exact(ours, reference, exact, ulps, 1.0 if x.dtype == mx.float32 else 0.02, magnitude)
+
+
+def test_rope_where_the_kernel_does_not_apply(monkeypatch):
+    """Thread counts (one per pair) that are not whole SIMD groups: 3 pairs, 5 rows of 36 pairs: the reference."""
+    module = rope.RoPE(ARGS, compressed=True)
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    x = mx.ones((1, 1, 6), mx.bfloat16)
+    small = rope.RoPE.__new__(rope.RoPE)
+    small.dims, small.dim_freq = 4, module.dim_freq[:4]
+    small(x, mx.array([3]))
+    x = mx.ones((1, 5, 72), mx.float32)
+    assert mx.array_equal(module(x, mx.arange(5)), rope._rotate(x, mx.arange(5), module.dim_freq, rope._SIN_SIGN[False]))
+    assert launched == []
+
+
+NORM_CASES = [  # (name, shape, dtype, weight dtype)
+    ("hidden-bf16", (3, 4096), mx.bfloat16, mx.bfloat16),
+    ("head-fp16", (2, 5, 512), mx.float16, mx.float32),
+    ("indexer-fp32", (7, 128), mx.float32, mx.bfloat16),
+    ("odd-width", (4, 96), mx.bfloat16, mx.bfloat16),
+]
+
+
+def norm_case(case):
+    name, shape, dtype, weight_dtype = case
+    rng = np.random.default_rng(10 + NORM_CASES.index(case))
+    norm = RMSNorm(shape[-1], eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.2, 2.0, shape[-1]).astype(np.float32)).astype(weight_dtype)
+    scale = np.exp2(rng.integers(-8, 8, size=(*shape[:-1], 1)))  # rows of different magnitudes
+    x = mx.array((rng.normal(size=shape) * scale).astype(np.float32)).astype(dtype)
+    return norm, x
+
+
+def exact_norm(norm, x):
+    x64 = np.array(x.astype(mx.float32)).astype(np.float64)
+    w64 = np.array(norm.weight.astype(mx.float32)).astype(np.float64)
+    return x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + norm.eps) * w64
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_rms_norm_emulated(monkeypatch, case):
+    norm, x = norm_case(case)
+    reference = norm.reference(x)
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    ours = norm(x)
+    assert launched == ["rms_norm"]
+    assert_near_exact(ours, reference, exact_norm(norm, x), 8 if x.dtype == mx.float32 else 1,
+                      1.0 if x.dtype == mx.float32 else 0.02)
+
+
+def test_rms_norm_where_the_kernel_does_not_apply(monkeypatch):
+    """Rows that are not a multiple of 32 wide, wider than 16 x 256, or integer: the reference."""
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    for width in (100, 8192):
+        norm = RMSNorm(width)
+        x = mx.ones((2, width), mx.bfloat16)
+        assert mx.array_equal(norm(x), norm.reference(x)).item()
+    assert launched == []
+
+
+PRODUCT_CASES = [  # (name, x shape, x dtype, weight shape, weight dtype, pair)
+    ("gate-bf16", (1, 1, 256), mx.bfloat16, (64, 256), mx.bfloat16, False),
+    ("gate-fp32-rows", (3, 160), mx.float32, (32, 160), mx.float32, False),
+    ("compressor-bf16", (1, 1, 256), mx.bfloat16, (96, 256), mx.bfloat16, True),
+    ("compressor-batch", (2, 1, 128), mx.float16, (48, 128), mx.bfloat16, True),
+]
+
+
+def product_case(case):
+    name, shape, dtype, w_shape, w_dtype, is_pair = case
+    rng = np.random.default_rng(20 + PRODUCT_CASES.index(case))
+    x = mx.array(rng.normal(size=shape).astype(np.float32)).astype(dtype)
+    weights = [mx.array(rng.normal(size=w_shape).astype(np.float32) / 16).astype(w_dtype) for _ in range(2)]
+    bias = mx.array(rng.normal(size=(*shape[:-1], w_shape[0])).astype(np.float32))
+    x32, w32 = x.astype(mx.float32), [w.astype(mx.float32) for w in weights]
+
+    def reference():
+        return (x32 @ w32[0].T, x32 @ w32[1].T + bias) if is_pair else x32 @ w32[0].T
+
+    def ours():
+        if is_pair:
+            return row_product.pair(x, weights[0], weights[1], bias, reference)
+        return row_product.single(x, weights[0], reference)
+
+    x64 = np.array(x32).astype(np.float64)
+    exact = [x64 @ np.array(w).astype(np.float64).T for w in w32]
+    magnitude = [np.abs(x64) @ np.abs(np.array(w).astype(np.float64)).T for w in w32]
+    if is_pair:
+        exact[1] = exact[1] + np.array(bias)
+        magnitude[1] = magnitude[1] + np.abs(np.array(bias))
+    return ours, reference, exact[:1 + is_pair], magnitude[:1 + is_pair]
+
+
+def assert_products(ours, reference, exact, magnitude):
+    """fp32 sums of the same exact products in another order: within 2^-20 of the terms' absolute sum."""
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    for y, ref, e, m in zip(ours, reference, exact, magnitude):
+        assert y.dtype == mx.float32 and y.shape == ref.shape
+        for out in (y, ref):
+            assert (np.abs(np.array(out).astype(np.float64) - e) <= 2.0**-20 * m).all()
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES, ids=[c[0] for c in PRODUCT_CASES])
+def test_row_product_emulated(monkeypatch, case):
+    ours, reference, exact, magnitude = product_case(case)
+    expected = reference()
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    assert_products(ours(), expected, exact, magnitude)
+    assert launched == ["row_product_pair" if case[-1] else "row_product"]
+
+
+def test_row_product_where_the_kernel_does_not_apply(monkeypatch):
+    """More than MAX_ROWS rows, quantized (integer) weights, a bias of another shape: the reference."""
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    x = mx.ones((row_product.MAX_ROWS + 1, 64), mx.bfloat16)
+    w = mx.ones((32, 64), mx.bfloat16)
+    assert row_product.single(x, w, lambda: x.astype(mx.float32) @ w.T.astype(mx.float32)).shape == (9, 32)
+    assert row_product.single(x[:1], w.astype(mx.uint32), lambda: mx.zeros((1, 32))).shape == (1, 32)
+    row_product.pair(x[:1], w, w, mx.zeros((32,)), lambda: (mx.zeros((1, 32)), mx.zeros((1, 32))))
+    assert launched == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", PRODUCT_CASES, ids=[c[0] for c in PRODUCT_CASES])
+def test_gpu_row_product(case):
+    assert backend.backend() is not None, "no GPU kernel backend"
+    ours, reference, exact, magnitude = product_case(case)
+    with mx.stream(mx.cpu):
+        expected = reference()
+        mx.eval(expected)
+    assert_products(ours(), expected, exact, magnitude)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ROPE_CASES + NORM_CASES, ids=[c[0] for c in ROPE_CASES + NORM_CASES])
+def test_gpu_against_cpu_reference(case):
+    assert backend.backend() is not None, "no GPU kernel backend"
+    if case in ROPE_CASES:
+        module, x, positions, inverse = rope_case(case)
+        ours = module(x, positions, inverse=inverse)
+        exact, magnitude = exact_rope(x, positions, module.dim_freq, inverse)
+        with mx.stream(mx.cpu):
+            reference = rope._rotate(x, positions, module.dim_freq, rope._SIN_SIGN[inverse])
+        ulps = 4 if x.dtype == mx.float32 else 1
+    else:
+        norm, x = norm_case(case)
+        ours = norm(x)
+        exact, magnitude = exact_norm(norm, x), 0.0
+        with mx.stream(mx.cpu):
+            reference = norm.reference(x)
+        ulps = 8 if x.dtype == mx.float32 else 1
+    mx.eval(ours, reference)
+    assert_near_exact(ours, reference, exact, ulps, 1.0 if x.dtype == mx.float32 else 0.02, magnitude)
+
+
+def test_emulated_small_model_with_the_decode_ops(small_native, monkeypatch):
+    """The SMALL model (fp32) prefilling 24 tokens then decoding 10 one by one (CSA windows complete on every fourth
+    token) with these kernels emulated and every other kernel on its reference: the logits of the pure-MLX path
+    within fp32 noise, and every kernel of this file launched from the model's own call sites (the layers' norms
+    and RoPE, the MoE gate, the compressors)."""
+    from conftest import SMALL, load_fp32, random_ids, run_chunks
+
+    model = load_fp32(small_native)
+    ids = random_ids(34, SMALL["vocab_size"], seed=5)
+    off = run_chunks(model, ids, [24])
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    run = backend.Kernel.run
+    ours = {"rope", "rms_norm", "row_product", "row_product_pair"}
+    monkeypatch.setattr(backend.Kernel, "run", lambda self, *args, **kwargs: run(self, *args, **kwargs)
+                        if self.name in ours else kwargs["reference"]())
+    on = run_chunks(model, ids, [24])
+    assert set(launched) == ours
+    np.testing.assert_allclose(on, off, rtol=0, atol=1e-4 * np.abs(off).max())
