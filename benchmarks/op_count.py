@@ -8,11 +8,17 @@ host: decode.py's host_split), not by the bytes read, so this is the figure that
 the layer's graph (no evaluation): with the next step built while the GPU runs the current one, a decode
 step takes at least the larger of this and the GPU's time.
 
-    python benchmarks/op_count.py [--recipe q2] [--context 4096] [--tiny]
+    python benchmarks/op_count.py [--recipe q2] [--context 4096] [--tiny] [--stub-kernels]
+
+--stub-kernels counts the kernels-on graph where no GPU backend exists (the CPU): every kernel call becomes a
+placeholder node that depends on its inputs (mx.depends of its outputs' shapes, one "Depends" node per call,
+counted as one launching op) and the decode graphs are compiled as on a GPU, so the counts are the GPU's
+graph's without running a kernel (the placeholders compute nothing: the logits are meaningless).
 """
 
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,6 +27,33 @@ import mlx.core as mx  # noqa: E402
 
 import flash  # noqa: E402
 from ds4_mlx.custom_kernels import backend  # noqa: E402
+from ds4_mlx.layers import compiled  # noqa: E402
+
+
+@contextmanager
+def stubbed_kernels():
+    """Kernel calls as placeholder nodes on any device (see --stub-kernels), decode graphs compiled there too;
+    restored on exit."""
+    def launch(self, backend_name, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        outputs = [mx.zeros(shape, dtype=dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+        mx.eval(outputs)
+        return mx.depends(outputs, list(inputs))
+
+    saved = backend.Kernel.launch, backend.backend, compiled.enabled()
+    backend.Kernel.launch = launch
+    backend.backend = lambda: "cuda" if backend.enabled() else None
+    compiled.set_enabled(True, cpu=True)
+    try:
+        yield
+    finally:
+        backend.Kernel.launch, backend.backend = saved[:2]
+        compiled.set_enabled(saved[2])
+
+
+def kernels_as_launches(counts: dict) -> dict:
+    """With stubbed kernels: each placeholder ("Depends") node is one kernel launch, not a view."""
+    stubs = counts["by_primitive"].get("Depends", 0)
+    return counts | {"views": counts["views"] - stubs, "launching": counts["launching"] + stubs}
 
 
 def layer_counts(model, caches, token: int = 7) -> list:
@@ -35,7 +68,7 @@ def layer_counts(model, caches, token: int = 7) -> list:
         out = layer(streams, cache, ids)
         build = time.perf_counter() - start
         row = {"layer": i, "kind": flash.KINDS[model.args.compress_ratio(i)], "build_ms": build * 1e3}
-        row.update(flash.count_ops(out, *cache.arrays()))
+        row.update(kernels_as_launches(flash.count_ops(out, *cache.arrays())))
         rows.append(row)
         mx.eval(out, cache.arrays())
         streams = out
@@ -47,13 +80,20 @@ def head_counts(model) -> dict:
     x = model.embed(token)
     streams = mx.broadcast_to(x[:, :, None], (1, 1, model.hc_mult, x.shape[-1]))
     logits = model.logits(streams)[0, -1]
-    return flash.count_ops(mx.argmax(logits - mx.logsumexp(logits, keepdims=True)))
+    return kernels_as_launches(flash.count_ops(mx.argmax(logits - mx.logsumexp(logits, keepdims=True))))
 
 
 def main(argv=None) -> dict:
     parser = flash.make_parser(__doc__, layers_default=3)
     parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--stub-kernels", action="store_true",
+                        help="count the kernels-on graph without a GPU backend (placeholder kernels)")
     opts = parser.parse_args(argv)
+    with stubbed_kernels() if opts.stub_kernels else nullcontext():
+        return count(opts)
+
+
+def count(opts) -> dict:
     overrides, full, args, model, _ = flash.setup(opts, opts.context)
     results = {}
     initial = backend.enabled()
@@ -75,7 +115,7 @@ def main(argv=None) -> dict:
         backend.set_enabled(initial)
     result = {"benchmark": "op_count", "device": flash.device_info(opts.bandwidth),
               "config": flash.config_summary(args, full, opts, overrides) | {
-                  "context": opts.context}, "results": results}
+                  "context": opts.context, "stub_kernels": opts.stub_kernels}, "results": results}
     flash.emit(result, opts.out)
     return result
 

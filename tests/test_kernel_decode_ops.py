@@ -10,7 +10,9 @@ from kernel_emulator import emulate, record_launches
 
 from ds4_mlx.config import ModelArgs
 from ds4_mlx.custom_kernels import backend, row_product
-from ds4_mlx.layers import rope
+from ds4_mlx.custom_kernels import rope as rope_kernels
+from ds4_mlx.layers import numerics, rope
+from ds4_mlx.layers.attention import head_rms_norm
 from ds4_mlx.layers.numerics import RMSNorm
 
 ARGS = ModelArgs(num_hidden_layers=1, compress_ratios=[0, 0], rope_scaling={  # Flash's YaRN
@@ -94,7 +96,8 @@ def test_rope_where_the_kernel_does_not_apply(monkeypatch):
     small.dims, small.dim_freq = 4, module.dim_freq[:4]
     small(x, mx.array([3]))
     x = mx.ones((1, 5, 72), mx.float32)
-    assert mx.array_equal(module(x, mx.arange(5)), rope._rotate(x, mx.arange(5), module.dim_freq, rope._SIN_SIGN[False]))
+    reference = rope._rotate(x, mx.arange(5), module.dim_freq, rope._SIN_SIGN[False])
+    assert mx.array_equal(module(x, mx.arange(5)), reference)
     assert launched == []
 
 
@@ -247,7 +250,7 @@ def test_emulated_small_model_with_the_decode_ops(small_native, monkeypatch):
     """The SMALL model (fp32) prefilling 24 tokens then decoding 10 one by one (CSA windows complete on every fourth
     token) with these kernels emulated and every other kernel on its reference: the logits of the pure-MLX path
     within fp32 noise, and every kernel of this file launched from the model's own call sites (the layers' norms
-    and RoPE, the MoE gate, the compressors)."""
+    and RoPE, the queries' head norm and RoPE, the KV rows, the MoE gate, the compressors)."""
     from conftest import SMALL, load_fp32, random_ids, run_chunks
 
     model = load_fp32(small_native)
@@ -256,9 +259,136 @@ def test_emulated_small_model_with_the_decode_ops(small_native, monkeypatch):
     emulate(monkeypatch)
     launched = record_launches(monkeypatch)
     run = backend.Kernel.run
-    ours = {"rope", "rms_norm", "row_product", "row_product_pair"}
+    ours = {"rope", "head_norm_rope", "rms_norm", "rms_norm_rope", "row_product", "row_product_pair"}
     monkeypatch.setattr(backend.Kernel, "run", lambda self, *args, **kwargs: run(self, *args, **kwargs)
                         if self.name in ours else kwargs["reference"]())
     on = run_chunks(model, ids, [24])
     assert set(launched) == ours
     np.testing.assert_allclose(on, off, rtol=0, atol=1e-4 * np.abs(off).max())
+
+
+HEAD_CASES = [  # (name, shape, dtype, first position)
+    ("flash-heads", (1, 2, 8, 512), mx.bfloat16, 4096),
+    ("batch-fp16", (2, 3, 2, 128), mx.float16, 7),
+    ("fp32", (1, 1, 4, 64), mx.float32, 100_000),
+]
+
+
+def head_case(case):
+    name, shape, dtype, first = case
+    rng = np.random.default_rng(30 + HEAD_CASES.index(case))
+    scale = np.exp2(rng.integers(-6, 6, size=(*shape[:-1], 1)))  # head rows of different magnitudes
+    x = mx.array((rng.normal(size=shape) * scale).astype(np.float32)).astype(dtype)
+    module = rope.RoPE(ARGS, compressed=True)
+    positions = mx.arange(first, first + shape[1])
+
+    def reference():
+        return module(head_rms_norm(x, 1e-6), positions)
+
+    return x, positions, module, reference
+
+
+def assert_head_rows(ours, reference, x):
+    """Within two ulps of x's dtype of the reference, plus, in the rotated pairs, two ulps of the pair's magnitude:
+    the head norm's scale may round the other way after an fp32 sum in another order, which moves a whole row by
+    an ulp before the rotation mixes each pair (a difference of nearly equal terms keeps that absolute error)."""
+    mantissa = MANTISSA[ours.dtype]
+    a, b = np.array(ours.astype(mx.float32)), np.array(reference.astype(mx.float32))
+    normed = np.abs(np.array(head_rms_norm(x, 1e-6).astype(mx.float32)))
+    pairs = np.repeat(normed[..., ::2] + normed[..., 1::2], 2, axis=-1)
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(b), 2.0**-100))) - mantissa)
+    allowed = 2 * ulp + 2.0 ** (1 - mantissa) * pairs
+    assert (np.abs(a - b) <= allowed).all(), (np.abs(a - b) / allowed).max()
+    if ours.dtype != mx.float32:  # (fp32: the cosines and sines differ in the last bit everywhere)
+        differ = (a != b).any(axis=-1).mean()
+        assert differ <= 0.35, differ  # rows the scale moved
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=[c[0] for c in HEAD_CASES])
+def test_head_norm_rope_emulated(monkeypatch, case):
+    x, positions, module, reference = head_case(case)
+    expected = reference()
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    ours = rope_kernels.head_norm_rotate(x, positions, module.dim_freq, 1e-6, reference)
+    assert launched == ["head_norm_rope"]
+    assert_head_rows(ours, expected, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", HEAD_CASES, ids=[c[0] for c in HEAD_CASES])
+def test_gpu_head_norm_rope(case):
+    assert backend.backend() is not None, "no GPU kernel backend"
+    x, positions, module, reference = head_case(case)
+    ours = rope_kernels.head_norm_rotate(x, positions, module.dim_freq, 1e-6, reference)
+    with mx.stream(mx.cpu):
+        expected = reference()
+        mx.eval(expected)
+    assert_head_rows(ours, expected, x)
+
+
+KV_CASES = [  # (name, shape, dtype, FP8 KV)
+    ("flash-kv-fp8", (1, 3, 512), mx.bfloat16, True),
+    ("batch-fp16", (2, 2, 128), mx.float16, False),
+    ("fp32-fp8", (1, 2, 512), mx.float32, True),
+]
+
+
+def kv_case(case):
+    name, shape, dtype, fp8 = case
+    rng = np.random.default_rng(40 + KV_CASES.index(case))
+    norm = RMSNorm(shape[-1], eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.2, 2.0, shape[-1]).astype(np.float32)).astype(mx.bfloat16)
+    x = mx.array((rng.normal(size=shape) * np.exp2(rng.integers(-6, 6, size=(*shape[:-1], 1)))).astype(np.float32))
+    module = rope.RoPE(ARGS, compressed=True)
+    return norm, module, x.astype(dtype), mx.arange(900, 900 + shape[1]), fp8
+
+
+@pytest.mark.parametrize("case", KV_CASES, ids=[c[0] for c in KV_CASES])
+def test_kv_rows_emulated(monkeypatch, case):
+    """The KV rows' norm, RoPE and FP8 round trip in one launch (custom_kernels/norm.py, rms_norm_rope) against
+    numerics.kv_rows' reference: equal but where the norm's fp32 sum (another order) rounds a value the other way,
+    which the RoPE can carry into a pair and the FP8 grid can widen to one e4m3 step."""
+    norm, module, x, positions, fp8 = kv_case(case)
+    expected = numerics.kv_rows(norm, module, x, positions, fp8)
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    ours = numerics.kv_rows(norm, module, x, positions, fp8)
+    assert launched == ["rms_norm_rope"]
+    assert_kv_rows(ours, expected)
+
+
+def assert_kv_rows(ours, expected):
+    a, b = np.array(ours.astype(mx.float32)), np.array(expected.astype(mx.float32))
+    mantissa = MANTISSA[ours.dtype]
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(b), 2.0**-100))) - mantissa)
+    pairs = np.repeat(np.abs(b[..., ::2]) + np.abs(b[..., 1::2]), 2, axis=-1)
+    allowed = 2 * ulp + 2.0 ** (1 - mantissa) * pairs + 2.0**-3 * np.maximum(np.abs(a), np.abs(b))
+    assert (np.abs(a - b) <= allowed).all(), (np.abs(a - b) / allowed).max()
+    if ours.dtype != mx.float32:
+        assert (a != b).mean() <= 0.03, (a != b).mean()
+
+
+def test_kv_rows_where_the_kernel_does_not_apply(monkeypatch):
+    """Rows of 50 pairs (not a multiple of 32 threads): the reference."""
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    module = rope.RoPE(ARGS, compressed=True)
+    numerics.kv_rows(RMSNorm(100), module, mx.ones((1, 2, 100), mx.bfloat16), mx.arange(2), False)
+    assert launched.count("rms_norm_rope") == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", KV_CASES, ids=[c[0] for c in KV_CASES])
+def test_gpu_kv_rows(case):
+    assert backend.backend() is not None, "no GPU kernel backend"
+    norm, module, x, positions, fp8 = kv_case(case)
+    ours = numerics.kv_rows(norm, module, x, positions, fp8)
+    backend.set_enabled(False)
+    try:
+        with mx.stream(mx.cpu):
+            expected = numerics.kv_rows(norm, module, x, positions, fp8)
+            mx.eval(expected)
+    finally:
+        backend.set_enabled(True)
+    assert_kv_rows(ours, expected)

@@ -187,6 +187,7 @@ def test_tiny_flash_model_prefill_emulated(monkeypatch, layers, only, tokens, me
     # C library's (tests/test_kernel_hyper_connections.py, test_kernel_decode_ops.py): keep their references
     monkeypatch.setattr(hyper_connections, "collapse", collapse_reference)
     monkeypatch.setattr(norm, "rms_norm", lambda x, weight, eps, reference: reference())
+    monkeypatch.setattr(norm, "rms_norm_rope", lambda x, weight, eps, positions, dim_freq, fp8, reference: reference())
     monkeypatch.setattr(rope, "rotate", lambda x, positions, dim_freq, inverse, reference: reference())
     launched = record_launches(monkeypatch)
     ours = np.array(model.hidden(ids, model.make_cache()).astype(mx.float32))

@@ -8,6 +8,9 @@ once to x's dtype. The pure-MLX reference (layers/rope.py) is ~7 launching ops p
 three to six times per layer, so this is mostly a cut in the host's per-op work. The cosine and sine are the
 backend's fp32 functions, which may differ from MLX's in the last bit: outputs agree with the reference to a
 rounding flip of x's dtype.
+
+`head_norm_rotate` puts the attention queries' weightless head norm in front (one thread group per head row,
+the official roundings to the activation dtype at every step), replacing its ~3 launching ops and the RoPE's.
 """
 
 from typing import Callable
@@ -35,7 +38,56 @@ y[at] = static_cast<T>(re * c - im * s);
 y[at + 1u] = static_cast<T>(im * c + re * s);
 """
 
+# head_norm_rope: one thread group per head row, each thread PP pairs of it; the official weightless head norm
+# with its roundings to the activation dtype at every step (q * q, their fp32 mean, + eps, the rsqrt, q times
+# it), then the rotation of the normalised row as above
+_NORMED_BODY = """
+constexpr int PP = D / 2 / NT;
+constexpr uint FIRST = uint(D - DIMS) / 2u;
+SHARED float partials[NT / 32];
+const uint row = GROUP_X, base = row * uint(D);
+float v[2 * PP];
+float squares = 0.0f;
+for (int j = 0; j < PP; ++j) {
+  const uint at = base + 2u * (TID + uint(NT * j));
+  v[2 * j] = static_cast<float>(x[at]);
+  v[2 * j + 1] = static_cast<float>(x[at + 1u]);
+  squares += static_cast<float>(static_cast<T>(v[2 * j] * v[2 * j]));
+  squares += static_cast<float>(static_cast<T>(v[2 * j + 1] * v[2 * j + 1]));
+}
+squares = WARP_SUM(squares);
+if (LANE == 0u) partials[WARP] = squares;
+BARRIER();
+float total = 0.0f;
+for (int w = 0; w < NT / 32; ++w) total += partials[w];
+const float mean = static_cast<float>(static_cast<T>(total / float(D)));
+const float shifted = static_cast<float>(static_cast<T>(mean + static_cast<float>(static_cast<T>(eps[0]))));
+const float scale = static_cast<float>(static_cast<T>(RSQRT(shifted)));
+const float position = float(positions[row / uint(HEADS)]);
+for (int j = 0; j < PP; ++j) {
+  const uint pair = TID + uint(NT * j), at = base + 2u * pair;
+  const float re = static_cast<float>(static_cast<T>(v[2 * j] * scale));
+  const float im = static_cast<float>(static_cast<T>(v[2 * j + 1] * scale));
+  if (pair < FIRST) {
+    y[at] = static_cast<T>(re);
+    y[at + 1u] = static_cast<T>(im);
+  } else {
+    const float angle = position * dim_freq[2u * (pair - FIRST)];
+    const float c = COS(angle), s = SIN(angle);
+    y[at] = static_cast<T>(re * c - im * s);
+    y[at + 1u] = static_cast<T>(im * c + re * s);
+  }
+}
+"""
+
 KERNEL = backend.kernel("rope", ["x", "positions", "dim_freq"], ["y"], _BODY)
+NORMED = backend.kernel("head_norm_rope", ["x", "positions", "dim_freq", "eps"], ["y"], _NORMED_BODY)
+
+
+def row_positions(positions: mx.array, rows: int, heads: int) -> mx.array:
+    """positions [L] as int32, repeated for each batch row (and any other leading axis) of `rows` rows of heads."""
+    leading = rows // (heads * positions.shape[0])
+    return mx.tile(positions.astype(mx.int32), leading) if leading > 1 else positions.astype(mx.int32)
 
 
 def rotate(x: mx.array, positions: mx.array, dim_freq: mx.array, inverse: bool,
@@ -50,9 +102,24 @@ def rotate(x: mx.array, positions: mx.array, dim_freq: mx.array, inverse: bool,
             or width % 2 or dims > width or threads % 32 or positions.shape != (x.shape[-3 if x.ndim == 4 else -2],)):
         return reference()
     group = next(g for g in (256, 128, 64, 32) if threads % g == 0)
-    leading = rows // (heads * positions.shape[0])  # batch (and any other leading axes): same positions each
-    positions = mx.tile(positions.astype(mx.int32), leading) if leading > 1 else positions.astype(mx.int32)
     template = [("T", x.dtype), ("D", width), ("DIMS", dims), ("HEADS", heads), ("INVERSE", int(inverse))]
-    return KERNEL.run([x, positions, dim_freq], template, grid=(threads, 1, 1),
+    return KERNEL.run([x, row_positions(positions, rows, heads), dim_freq], template, grid=(threads, 1, 1),
                       threadgroup=(group, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype],
                       reference=lambda: [reference()])[0]
+
+
+def head_norm_rotate(x: mx.array, positions: mx.array, dim_freq: mx.array, eps: float,
+                     reference: Callable[[], mx.array]) -> mx.array:
+    """x [B, L, H, D] -> each head row normalised with the official roundings and rotated, as
+    `reference()` (layers/attention.py: head_rms_norm, then the RoPE)."""
+    dims, width = dim_freq.shape[0], x.shape[-1]
+    threads = next((t for t in (256, 128, 64, 32) if (width // 2) % t == 0), None)
+    if (backend.backend() is None or x.dtype not in FLOATS or x.ndim != 4 or x.size == 0 or x.size >= 2**31
+            or width % 2 or dims % 2 or dims > width or threads is None or width // 2 // threads > 8
+            or positions.shape != (x.shape[1],)):
+        return reference()
+    rows = x.size // width
+    template = [("T", x.dtype), ("D", width), ("DIMS", dims), ("HEADS", x.shape[2]), ("NT", threads)]
+    return NORMED.run([x, row_positions(positions, rows, x.shape[2]), dim_freq, backend.float_input(eps)], template,
+                      grid=(rows * threads, 1, 1), threadgroup=(threads, 1, 1), output_shapes=[x.shape],
+                      output_dtypes=[x.dtype], reference=lambda: [reference()])[0]

@@ -19,7 +19,8 @@ FORMATS = {"e4m3": 0, "e2m1": 1}
 FLOATS = (mx.float32, mx.bfloat16, mx.float16)
 MAX_WARPS = 8  # blocks per thread group
 
-_HEADER = """
+# e4m3 / e2m1 rounding helpers (also used by custom_kernels/norm.py)
+HEADER = """
 INLINE float k_pow2(int e) { return AS_FLOAT(uint(e + 127) << 23); }  // e in [-126, 127]
 INLINE int k_ceil_log2(float a) {  // positive normal a
   const uint bits = AS_UINT(a);
@@ -64,7 +65,7 @@ if (block % uint(BLOCKS_PER_ROW) == uint(BLOCKS_PER_ROW - 1)) {  // the row's la
 }
 """
 
-KERNEL = backend.kernel("block_round_trip", ["x", "params"], ["y_out"], _BODY, _HEADER)  # params: 1 / max, floor, max
+KERNEL = backend.kernel("block_round_trip", ["x", "params"], ["y_out"], _BODY, HEADER)  # params: 1 / max, floor, max
 
 
 def block_round_trip(x: mx.array, block: int, fmt: str, fmt_max: float, amax_floor: float,

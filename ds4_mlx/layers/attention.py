@@ -20,11 +20,12 @@ from .linear import Linear, StackedLinear
 from ..cache import WindowCache
 from ..custom_kernels import attention as attention_kernels
 from ..custom_kernels import prefill_attention, prefill_index
+from ..custom_kernels import rope as rope_kernel
 from ..config import ModelArgs
 from .compiled import decode_graph
 from .compressor import Compressor
 from .indexer import Indexer
-from .numerics import RMSNorm, fp8_input, fp8_kv
+from .numerics import RMSNorm, fp8_input, kv_rows
 from .rope import RoPE
 
 SCORE_BUDGET = 1 << 25  # fp32 score elements per query block
@@ -51,7 +52,6 @@ class Attention(nn.Module):
         self.window = args.sliding_window
         self.ratio = args.compress_ratio(layer_id)
         self.eps = args.rms_norm_eps
-        self.rope_dims = args.qk_rope_head_dim
         self.groups, self.o_rank = args.o_groups, args.o_lora_rank
         self.scale = self.head_dim**-0.5
 
@@ -81,9 +81,9 @@ class Attention(nn.Module):
         x_in = fp8_input(x, fp8)
         qr = fp8_input(self.q_norm(self.wq_a(x_in)), fp8)
         q = self.wq_b(qr).reshape(batch, length, self.n_heads, self.head_dim)
-        q = self.rope(head_rms_norm(q, self.eps), positions)
-        kv = self.rope(self.kv_norm(self.wkv(x_in)), positions)
-        kv = fp8_kv(kv, self.rope_dims) if self.args.kv_fp8 else kv
+        q = rope_kernel.head_norm_rotate(q, positions, self.rope.dim_freq, self.eps,
+                                         lambda: self.rope(head_rms_norm(q, self.eps), positions))
+        kv = kv_rows(self.kv_norm, self.rope, self.wkv(x_in), positions, self.args.kv_fp8)
         if self.ratio != 4:
             return q, kv
         return q, kv, self.indexer.queries(qr, positions), self.indexer.head_weights(x)

@@ -17,7 +17,7 @@ from ..cache import CompressorState
 from ..config import ModelArgs
 from ..custom_kernels import row_product
 from .linear import Linear
-from .numerics import RMSNorm, fp4_round_trip, fp8_kv, hadamard_rotate
+from .numerics import RMSNorm, fp4_round_trip, hadamard_rotate, kv_rows
 from .rope import RoPE
 
 
@@ -34,7 +34,6 @@ class Compressor(nn.Module):
         self.rope = RoPE(args, compressed=True)
         self.for_indexer = for_indexer
         self.rounding = args.indexer_fp4 if for_indexer else args.kv_fp8
-        self.rope_dims = args.qk_rope_head_dim
 
     def _project(self, x: mx.array, start: int):
         """Compressor kv and scores (fp32, with the position bias) of x [B, L, dim]: one kernel launch for
@@ -64,15 +63,13 @@ class Compressor(nn.Module):
         return mx.sum(kv * weights, axis=2)
 
     def _finish(self, pooled: mx.array, first_window: int, dtype) -> mx.array:
-        rows = self.norm(pooled.astype(dtype))
+        pooled = pooled.astype(dtype)
         first = first_window * self.ratio
-        positions = mx.arange(first, first + rows.shape[1] * self.ratio, self.ratio)
-        rows = self.rope(rows, positions)
-        if not self.rounding:
-            return rows
-        if self.for_indexer:
-            return fp4_round_trip(hadamard_rotate(rows), 32)
-        return fp8_kv(rows, self.rope_dims)
+        positions = mx.arange(first, first + pooled.shape[1] * self.ratio, self.ratio)
+        if not self.for_indexer:
+            return kv_rows(self.norm, self.rope, pooled, positions, self.rounding)
+        rows = self.rope(self.norm(pooled), positions)
+        return fp4_round_trip(hadamard_rotate(rows), 32) if self.rounding else rows
 
     def __call__(self, x: mx.array, start: int, state: CompressorState) -> Optional[mx.array]:
         """Feed tokens x [B, L, dim] at positions start.. ; returns the rows of the windows

@@ -12,7 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import compiled
-from ..custom_kernels import norm, rounding
+from ..custom_kernels import norm as norm_kernels
+from ..custom_kernels import rounding
 
 FP8_MAX = 448.0  # largest e4m3 value
 DECODE_SIZE = 1 << 16  # elements: inputs up to this size are decode-sized
@@ -127,6 +128,18 @@ def fp8_kv(rows: mx.array, rope_dims: int) -> mx.array:
                                      rounded=rows.shape[-1] - rope_dims)
 
 
+def kv_rows(norm: "RMSNorm", rope, x: mx.array, positions: mx.array, fp8: bool) -> mx.array:
+    """KV rows as the attention and the compressors make them from x [B, L, D]: normed, RoPE'd at positions [L]
+    (`rope`: layers/rope.py's RoPE), FP8-rounded (fp8_kv) if `fp8`; one kernel launch on a GPU
+    (custom_kernels/norm.py)."""
+    def reference():
+        rows = rope(norm(x), positions)
+        return fp8_kv(rows, rope.dims) if fp8 else rows
+
+    return norm_kernels.rms_norm_rope(x, norm.weight, norm.eps, positions, rope.dim_freq,
+                                      FORMATS["e4m3"] if fp8 else None, reference)
+
+
 @fused_for_decode
 def _fp8_kv(rows: mx.array, rope_dims: int) -> mx.array:
     nope = _block_round_trip(rows[..., :-rope_dims], 64, *FORMATS["e4m3"], "e4m3")
@@ -138,7 +151,7 @@ class RMSNorm(nn.RMSNorm):
     on a GPU (custom_kernels/norm.py)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return norm.rms_norm(x, self.weight, self.eps, lambda: self.reference(x))
+        return norm_kernels.rms_norm(x, self.weight, self.eps, lambda: self.reference(x))
 
     def reference(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps).astype(x.dtype)
