@@ -20,6 +20,14 @@ ARGS = ModelArgs(num_hidden_layers=1, compress_ratios=[0, 0], rope_scaling={  # 
 MANTISSA = {mx.bfloat16: 7, mx.float16: 10, mx.float32: 23}
 
 
+def on_cpu(fn):
+    """fn() evaluated on the CPU (the GPU tests' reference)."""
+    with mx.stream(mx.cpu):
+        out = fn()
+        mx.eval(out)
+    return out
+
+
 def assert_near_exact(ours, reference, exact, ulps, flips, magnitude=0.0):
     """ours and the reference within `ulps` units in the last place of their dtype of the float64 `exact` (plus
     what fp32 arithmetic can lose where terms of absolute sum `magnitude` cancel); ours differs from the
@@ -218,9 +226,7 @@ def test_row_product_where_the_kernel_does_not_apply(monkeypatch):
 def test_gpu_row_product(case):
     assert backend.backend() is not None, "no GPU kernel backend"
     ours, reference, exact, magnitude = product_case(case)
-    with mx.stream(mx.cpu):
-        expected = reference()
-        mx.eval(expected)
+    expected = on_cpu(reference)
     assert_products(ours(), expected, exact, magnitude)
 
 
@@ -232,15 +238,13 @@ def test_gpu_against_cpu_reference(case):
         module, x, positions, inverse = rope_case(case)
         ours = module(x, positions, inverse=inverse)
         exact, magnitude = exact_rope(x, positions, module.dim_freq, inverse)
-        with mx.stream(mx.cpu):
-            reference = rope._rotate(x, positions, module.dim_freq, rope._SIN_SIGN[inverse])
+        reference = on_cpu(lambda: rope._rotate(x, positions, module.dim_freq, rope._SIN_SIGN[inverse]))
         ulps = 4 if x.dtype == mx.float32 else 1
     else:
         norm, x = norm_case(case)
         ours = norm(x)
         exact, magnitude = exact_norm(norm, x), 0.0
-        with mx.stream(mx.cpu):
-            reference = norm.reference(x)
+        reference = on_cpu(lambda: norm.reference(x))
         ulps = 8 if x.dtype == mx.float32 else 1
     mx.eval(ours, reference)
     assert_near_exact(ours, reference, exact, ulps, 1.0 if x.dtype == mx.float32 else 0.02, magnitude)
@@ -321,9 +325,7 @@ def test_gpu_head_norm_rope(case):
     assert backend.backend() is not None, "no GPU kernel backend"
     x, positions, module, reference = head_case(case)
     ours = rope_kernels.head_norm_rotate(x, positions, module.dim_freq, 1e-6, reference)
-    with mx.stream(mx.cpu):
-        expected = reference()
-        mx.eval(expected)
+    expected = on_cpu(reference)
     assert_head_rows(ours, expected, x)
 
 
@@ -386,9 +388,7 @@ def test_gpu_kv_rows(case):
     ours = numerics.kv_rows(norm, module, x, positions, fp8)
     backend.set_enabled(False)
     try:
-        with mx.stream(mx.cpu):
-            expected = numerics.kv_rows(norm, module, x, positions, fp8)
-            mx.eval(expected)
+        expected = on_cpu(lambda: numerics.kv_rows(norm, module, x, positions, fp8))
     finally:
         backend.set_enabled(True)
     assert_kv_rows(ours, expected)

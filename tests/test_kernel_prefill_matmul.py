@@ -14,7 +14,7 @@ import pytest
 from conftest import kernel_weights
 from kernel_emulator import emulate, record_launches
 
-from ds4_mlx.custom_kernels import backend, hyper_connections, norm, rope
+from ds4_mlx.custom_kernels import backend, hyper_connections
 from ds4_mlx.custom_kernels import prefill_attention, prefill_index
 from ds4_mlx.custom_kernels import prefill_matmul as pm
 from ds4_mlx.layers.hyper_connections import collapse_reference
@@ -183,12 +183,12 @@ def test_tiny_flash_model_prefill_emulated(monkeypatch, layers, only, tokens, me
     index_applies = prefill_index.applies
     monkeypatch.setattr(prefill_attention, "applies", lambda *a: only == "attention" and attention_applies(*a))
     monkeypatch.setattr(prefill_index, "applies", lambda *a: only == "attention" and index_applies(*a))
-    # the mHC collapse and RMSNorm kernels sum in another fp32 order, the RoPE kernel's cosines and sines are the
+    # the mHC collapse and the norm kernels sum in another fp32 order, the RoPE kernels' cosines and sines are the
     # C library's (tests/test_kernel_hyper_connections.py, test_kernel_decode_ops.py): keep their references
     monkeypatch.setattr(hyper_connections, "collapse", collapse_reference)
-    monkeypatch.setattr(norm, "rms_norm", lambda x, weight, eps, reference: reference())
-    monkeypatch.setattr(norm, "rms_norm_rope", lambda x, weight, eps, positions, dim_freq, fp8, reference: reference())
-    monkeypatch.setattr(rope, "rotate", lambda x, positions, dim_freq, inverse, reference: reference())
+    run, on_reference = backend.Kernel.run, {"rms_norm", "rms_norm_rope", "rope", "head_norm_rope"}
+    monkeypatch.setattr(backend.Kernel, "run", lambda self, *args, **kwargs: kwargs["reference"]()
+                        if self.name in on_reference else run(self, *args, **kwargs))
     launched = record_launches(monkeypatch)
     ours = np.array(model.hidden(ids, model.make_cache()).astype(mx.float32))
     rel = np.linalg.norm(ours - reference, axis=(-1, -2)) / np.linalg.norm(reference, axis=(-1, -2))

@@ -175,6 +175,16 @@ class Kernel:
             return reference()
 
 
+# kernel source: `total` = the sum of every thread's float `squares` over a group of NT threads, in the same order
+# on every thread (SIMD sums, then the groups' partials in order); the body declares SHARED float partials[NT / 32]
+GROUP_SUM = """
+squares = WARP_SUM(squares);
+if (LANE == 0u) partials[WARP] = squares;
+BARRIER();
+float total = 0.0f;
+for (int w = 0; w < NT / 32; ++w) total += partials[w];
+"""
+
 KERNELS: List[Kernel] = []
 _FLOATS: Dict[Tuple[float, ...], mx.array] = {}
 

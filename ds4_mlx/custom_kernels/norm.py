@@ -16,18 +16,13 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 
 from . import backend, rounding
-from .rope import row_positions
+from .rope import LOAD_PAIRS, row_positions
 
 FLOATS = (mx.float32, mx.bfloat16, mx.float16)
 MAX_PER_THREAD = 16  # row elements per thread (rows up to 16 x 256 = 4096 wide; wider: the reference)
 
-# the sum of squares of the thread's `squares` over the group, then `scale` = rsqrt(mean + eps)
-_REDUCE = """
-squares = WARP_SUM(squares);
-if (LANE == 0u) partials[WARP] = squares;
-BARRIER();
-float total = 0.0f;
-for (int w = 0; w < NT / 32; ++w) total += partials[w];
+# the sum of the threads' squares over the group, then `scale` = rsqrt(mean + eps)
+_REDUCE = backend.GROUP_SUM + """
 const float scale = RSQRT(total / float(D) + eps[0]);
 """
 
@@ -51,21 +46,10 @@ for (int j = 0; j < PER; ++j) {
 # rms_norm_rope: each thread PP pairs of the row (pairs TID + NT * j); the normed row rounded to T, its last DIMS
 # dims rotated as custom_kernels/rope.py does, and with FP8 the other dims' blocks of 64 (32 pairs: one SIMD
 # group) round-tripped through e4m3 as custom_kernels/rounding.py does (eps[1..3]: 1 / 448, amax floor, 448)
-_ROPE_BODY = """
-constexpr int PP = D / 2 / NT;
-constexpr uint FIRST = uint(D - DIMS) / 2u;
-SHARED float partials[NT / 32];
-const uint base = GROUP_X * uint(D);
-float v[2 * PP];
-float squares = 0.0f;
-for (int j = 0; j < PP; ++j) {
-  const uint at = base + 2u * (TID + uint(NT * j));
-  v[2 * j] = static_cast<float>(x[at]);
-  v[2 * j + 1] = static_cast<float>(x[at + 1u]);
-  squares += v[2 * j] * v[2 * j] + v[2 * j + 1] * v[2 * j + 1];
-}
+_ROPE_BODY = LOAD_PAIRS + """
+for (int j = 0; j < 2 * PP; ++j) squares += v[j] * v[j];
 """ + _REDUCE + """
-const float position = float(positions[GROUP_X]);
+const float position = float(positions[row]);
 for (int j = 0; j < PP; ++j) {
   const uint pair = TID + uint(NT * j), at = base + 2u * pair;
   const float wa = static_cast<float>(weight[2u * pair]), wb = static_cast<float>(weight[2u * pair + 1u]);

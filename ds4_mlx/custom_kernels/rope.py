@@ -38,28 +38,28 @@ y[at] = static_cast<T>(re * c - im * s);
 y[at + 1u] = static_cast<T>(im * c + re * s);
 """
 
-# head_norm_rope: one thread group per head row, each thread PP pairs of it; the official weightless head norm
-# with its roundings to the activation dtype at every step (q * q, their fp32 mean, + eps, the rsqrt, q times
-# it), then the rotation of the normalised row as above
-_NORMED_BODY = """
+# kernel source: one thread group of NT threads per row of D (GROUP_X), each thread PP pairs of it (pairs TID + NT *
+# j) loaded as floats into v[2 * PP]; FIRST: the first rotated pair
+LOAD_PAIRS = """
 constexpr int PP = D / 2 / NT;
 constexpr uint FIRST = uint(D - DIMS) / 2u;
 SHARED float partials[NT / 32];
 const uint row = GROUP_X, base = row * uint(D);
 float v[2 * PP];
-float squares = 0.0f;
 for (int j = 0; j < PP; ++j) {
   const uint at = base + 2u * (TID + uint(NT * j));
   v[2 * j] = static_cast<float>(x[at]);
   v[2 * j + 1] = static_cast<float>(x[at + 1u]);
-  squares += static_cast<float>(static_cast<T>(v[2 * j] * v[2 * j]));
-  squares += static_cast<float>(static_cast<T>(v[2 * j + 1] * v[2 * j + 1]));
 }
-squares = WARP_SUM(squares);
-if (LANE == 0u) partials[WARP] = squares;
-BARRIER();
-float total = 0.0f;
-for (int w = 0; w < NT / 32; ++w) total += partials[w];
+float squares = 0.0f;
+"""
+
+# head_norm_rope: one thread group per head row, each thread PP pairs of it; the official weightless head norm
+# with its roundings to the activation dtype at every step (q * q, their fp32 mean, + eps, the rsqrt, q times
+# it), then the rotation of the normalised row as above
+_NORMED_BODY = LOAD_PAIRS + """
+for (int j = 0; j < 2 * PP; ++j) squares += static_cast<float>(static_cast<T>(v[j] * v[j]));
+""" + backend.GROUP_SUM + """
 const float mean = static_cast<float>(static_cast<T>(total / float(D)));
 const float shifted = static_cast<float>(static_cast<T>(mean + static_cast<float>(static_cast<T>(eps[0]))));
 const float scale = static_cast<float>(static_cast<T>(RSQRT(shifted)));
