@@ -4,15 +4,17 @@ layers/numerics.py, the gate's and the compressor's fp32 products) and an exact 
 the CPU (both flavours compiled) and on the GPU."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from kernel_emulator import emulate, record_launches
 
 from ds4_mlx.config import ModelArgs
-from ds4_mlx.custom_kernels import backend, row_product
+from ds4_mlx.custom_kernels import backend, route, row_product
 from ds4_mlx.custom_kernels import rope as rope_kernels
 from ds4_mlx.layers import numerics, rope
 from ds4_mlx.layers.attention import head_rms_norm
+from ds4_mlx.layers.moe import Gate
 from ds4_mlx.layers.numerics import RMSNorm
 
 ARGS = ModelArgs(num_hidden_layers=1, compress_ratios=[0, 0], rope_scaling={  # Flash's YaRN
@@ -254,7 +256,7 @@ def test_emulated_small_model_with_the_decode_ops(small_native, monkeypatch):
     """The SMALL model (fp32) prefilling 24 tokens then decoding 10 one by one (CSA windows complete on every fourth
     token) with these kernels emulated and every other kernel on its reference: the logits of the pure-MLX path
     within fp32 noise, and every kernel of this file launched from the model's own call sites (the layers' norms
-    and RoPE, the queries' head norm and RoPE, the KV rows, the MoE gate, the compressors)."""
+    and RoPE, the queries' head norm and RoPE, the KV rows, the MoE gate and its top-k, the compressors)."""
     from conftest import SMALL, load_fp32, random_ids, run_chunks
 
     model = load_fp32(small_native)
@@ -263,7 +265,7 @@ def test_emulated_small_model_with_the_decode_ops(small_native, monkeypatch):
     emulate(monkeypatch)
     launched = record_launches(monkeypatch)
     run = backend.Kernel.run
-    ours = {"rope", "head_norm_rope", "rms_norm", "rms_norm_rope", "row_product", "row_product_pair"}
+    ours = {"rope", "head_norm_rope", "rms_norm", "rms_norm_rope", "row_product", "row_product_pair", "route_top_k"}
     monkeypatch.setattr(backend.Kernel, "run", lambda self, *args, **kwargs: run(self, *args, **kwargs)
                         if self.name in ours else kwargs["reference"]())
     on = run_chunks(model, ids, [24])
@@ -392,3 +394,58 @@ def test_gpu_kv_rows(case):
     finally:
         backend.set_enabled(True)
     assert_kv_rows(ours, expected)
+
+
+ROUTE_CASES = [  # (name, rows, experts, k, ties)
+    ("flash", 1, 256, 6, False),
+    ("rows-odd-experts", 3, 72, 6, False),
+    ("ties", 2, 64, 3, True),
+]
+
+
+def route_case(case):
+    name, rows, experts, k, ties = case
+    rng = np.random.default_rng(50 + ROUTE_CASES.index(case))
+    logits = rng.normal(size=(rows, experts)).astype(np.float32) * 3
+    if ties:  # exact ties among the largest (equal logits and equal bias)
+        logits[:, 1::2] = logits[:, 0::2]
+    bias = np.zeros(experts, np.float32) if ties else (rng.normal(size=experts) * 0.1).astype(np.float32)
+    gate = Gate.__new__(Gate)
+    nn.Module.__init__(gate)
+    gate.top_k, gate.route_scale, gate.bias = k, 2.5, mx.array(bias)
+    return gate, mx.array(logits)
+
+
+def assert_routes(ours, reference, gate, logits):
+    """The same picks (up to order; under exact ties: picks of the same biased values) and their weights to fp32
+    rounding."""
+    (w, i), (w_ref, i_ref) = [tuple(np.array(a) for a in pair) for pair in (ours, reference)]
+    assert i.dtype == np.int32 and w.shape == w_ref.shape == i.shape == i_ref.shape
+    biased = np.sqrt(np.logaddexp(np.array(logits, np.float64), 0.0)) + np.array(gate.bias)
+    for row in range(i.shape[0]):
+        np.testing.assert_array_equal(np.sort(biased[row, i[row]]), np.sort(biased[row, i_ref[row]]))
+        assert len(set(i[row].tolist())) == i.shape[1]
+        np.testing.assert_allclose(np.sort(w[row]), np.sort(w_ref[row]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=[c[0] for c in ROUTE_CASES])
+def test_route_emulated(monkeypatch, case):
+    gate, logits = route_case(case)
+    expected = gate._top_k(logits)
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    ours = route.top_k(logits, gate.bias, gate.top_k, gate.route_scale, lambda: gate._top_k(logits))
+    assert launched == ["route_top_k"]
+    assert_routes(ours, expected, gate, logits)
+    if case[-1]:  # experts 2j and 2j + 1 tie: where only one of them is picked, the lower index
+        for picks in np.array(ours[1]).tolist():
+            assert all(p % 2 == 0 for p in picks if p ^ 1 not in picks), picks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=[c[0] for c in ROUTE_CASES])
+def test_gpu_route(case):
+    assert backend.backend() is not None, "no GPU kernel backend"
+    gate, logits = route_case(case)
+    ours = route.top_k(logits, gate.bias, gate.top_k, gate.route_scale, lambda: gate._top_k(logits))
+    assert_routes(ours, on_cpu(lambda: gate._top_k(logits)), gate, logits)

@@ -13,7 +13,7 @@ from .linear import Linear, StackedLinear
 
 from ..config import ModelArgs
 from ..custom_kernels import moe as moe_kernels  # its fallback is routed_experts_reference below
-from ..custom_kernels import row_product
+from ..custom_kernels import route, row_product
 from .numerics import fp8_input
 
 
@@ -77,13 +77,18 @@ class Gate(nn.Module):
     def __call__(self, x: mx.array, token_ids: mx.array):
         """x [N, dim], token_ids [N] -> (weights [N, k] fp32, expert indices [N, k])."""
         logits = row_product.single(x, self.weight, lambda: x.astype(mx.float32) @ self.weight.astype(mx.float32).T)
-        scores = mx.sqrt(mx.logaddexp(logits, 0.0))
         if self.hash:
-            indices = self.tid2eid[token_ids]
-        else:
-            biased = scores + self.bias
-            indices = mx.argpartition(-biased, self.top_k - 1, axis=-1)[:, : self.top_k]
-        weights = mx.take_along_axis(scores, indices, axis=-1)
+            return self._weights(logits, self.tid2eid[token_ids])
+        return route.top_k(logits, self.bias, self.top_k, self.route_scale, lambda: self._top_k(logits))
+
+    def _top_k(self, logits: mx.array):
+        """The pure-MLX routing of non-hash layers: the top-k of score + bias."""
+        biased = mx.sqrt(mx.logaddexp(logits, 0.0)) + self.bias
+        return self._weights(logits, mx.argpartition(-biased, self.top_k - 1, axis=-1)[:, : self.top_k])
+
+    def _weights(self, logits: mx.array, indices: mx.array):
+        """(the chosen experts' scores normalised to sum to one, times the route scale; indices)."""
+        weights = mx.sqrt(mx.logaddexp(mx.take_along_axis(logits, indices, axis=-1), 0.0))
         weights = weights / mx.sum(weights, axis=-1, keepdims=True)
         return weights * self.route_scale, indices
 
