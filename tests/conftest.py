@@ -21,13 +21,11 @@ def _gpu_test_setup(request, monkeypatch):
     if request.node.get_closest_marker("gpu") is None:
         yield
         return
-    from ds4_mlx.custom_kernels import backend
+    from kernel_emulator import fail_on_fallback
+
     from ds4_mlx.layers import compiled
 
-    def no_fallback(message, *args):
-        raise AssertionError(message % args)
-
-    monkeypatch.setattr(backend.log, "warning", no_fallback)
+    fail_on_fallback(monkeypatch)
     initial = compiled.enabled()
     compiled.set_enabled(False)
     yield

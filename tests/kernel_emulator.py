@@ -252,11 +252,22 @@ def emulate(monkeypatch):
     monkeypatch.setattr(backend.Kernel, "launch", emulated_launch)
     monkeypatch.setattr(backend, "backend", lambda: "cuda")
     monkeypatch.setattr(backend, "_enabled", True)
+    fail_on_fallback(monkeypatch)
 
+
+def fail_on_fallback(monkeypatch):
+    """A kernel that fails to build (logged, and its reference run, for users) fails the test instead."""
     def no_fallback(message, *args):
         raise AssertionError(message % args)
 
     monkeypatch.setattr(backend.log, "warning", no_fallback)
+
+
+def references_for(monkeypatch, names):
+    """The kernels whose name `names(name)` accepts run their pure-MLX reference instead, from now on."""
+    run = backend.Kernel.run
+    monkeypatch.setattr(backend.Kernel, "run", lambda self, *args, **kwargs: kwargs["reference"]()
+                        if names(self.name) else run(self, *args, **kwargs))
 
 
 def record_launches(monkeypatch):

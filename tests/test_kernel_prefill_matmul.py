@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import kernel_weights
-from kernel_emulator import emulate, record_launches
+from kernel_emulator import emulate, record_launches, references_for
 
 from ds4_mlx.custom_kernels import backend, hyper_connections
 from ds4_mlx.custom_kernels import prefill_attention, prefill_index
@@ -186,9 +186,7 @@ def test_tiny_flash_model_prefill_emulated(monkeypatch, layers, only, tokens, me
     # the mHC collapse and the norm kernels sum in another fp32 order, the RoPE kernels' cosines and sines are the
     # C library's (tests/test_kernel_hyper_connections.py, test_kernel_decode_ops.py): keep their references
     monkeypatch.setattr(hyper_connections, "collapse", collapse_reference)
-    run, on_reference = backend.Kernel.run, {"rms_norm", "rms_norm_rope", "rope", "head_norm_rope"}
-    monkeypatch.setattr(backend.Kernel, "run", lambda self, *args, **kwargs: kwargs["reference"]()
-                        if self.name in on_reference else run(self, *args, **kwargs))
+    references_for(monkeypatch, {"rms_norm", "rms_norm_rope", "rope", "head_norm_rope"}.__contains__)
     launched = record_launches(monkeypatch)
     ours = np.array(model.hidden(ids, model.make_cache()).astype(mx.float32))
     rel = np.linalg.norm(ours - reference, axis=(-1, -2)) / np.linalg.norm(reference, axis=(-1, -2))

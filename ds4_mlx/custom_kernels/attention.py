@@ -220,8 +220,6 @@ PARTIAL = backend.kernel("ds4_attend_partial", ["q", "wkeys", "comp", "picks", "
                          ["part", "stats"], PARTIAL_BODY)
 COMBINE = backend.kernel("ds4_attend_combine", ["part", "stats", "sink", "meta"], ["out"], COMBINE_BODY)
 
-FLOATS = (mx.float32, mx.float16, mx.bfloat16)
-
 
 def _layout(heads: int, dims: int) -> Tuple[int, int]:
     """(heads per warp, head sets per group): the merge buffer of KS > 1 streams, heads x dims
@@ -272,8 +270,8 @@ def decode_attention(q: mx.array, window_keys: mx.array, compressed: Optional[mx
     per_split, splits = _plan(batch, queries, window + n_cand, head_groups)
     rows = max(n_rows, window + queries)
     if (backend.backend() is None or queries > MAX_QUERIES or dims % 32 or window < 1
-            or q.dtype not in FLOATS or window_keys.dtype not in FLOATS
-            or (compressed is not None and compressed.dtype not in FLOATS)
+            or q.dtype not in backend.FLOATS or window_keys.dtype not in backend.FLOATS
+            or (compressed is not None and compressed.dtype not in backend.FLOATS)
             or batch * rows * dims >= 2**31 or batch * queries * heads * splits * dims >= 2**31):
         return reference()
 

@@ -185,6 +185,8 @@ float total = 0.0f;
 for (int w = 0; w < NT / 32; ++w) total += partials[w];
 """
 
+FLOATS = (mx.float32, mx.bfloat16, mx.float16)  # the input dtypes the float kernels take
+
 KERNELS: List[Kernel] = []
 _FLOATS: Dict[Tuple[float, ...], mx.array] = {}
 

@@ -16,9 +16,8 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 
 from . import backend, rounding
-from .rope import LOAD_PAIRS, row_positions
+from .rope import LOAD_PAIRS, ROTATE, pair_threads, row_positions
 
-FLOATS = (mx.float32, mx.bfloat16, mx.float16)
 MAX_PER_THREAD = 16  # row elements per thread (rows up to 16 x 256 = 4096 wide; wider: the reference)
 
 # the sum of the threads' squares over the group, then `scale` = rsqrt(mean + eps)
@@ -53,21 +52,18 @@ const float position = float(positions[row]);
 for (int j = 0; j < PP; ++j) {
   const uint pair = TID + uint(NT * j), at = base + 2u * pair;
   const float wa = static_cast<float>(weight[2u * pair]), wb = static_cast<float>(weight[2u * pair + 1u]);
-  const float a = static_cast<float>(static_cast<T>((v[2 * j] * scale) * wa));
-  const float b = static_cast<float>(static_cast<T>((v[2 * j + 1] * scale) * wb));
+  const float re = static_cast<float>(static_cast<T>((v[2 * j] * scale) * wa));
+  const float im = static_cast<float>(static_cast<T>((v[2 * j + 1] * scale) * wb));
   if (pair >= FIRST) {
-    const float angle = position * dim_freq[2u * (pair - FIRST)];
-    const float c = COS(angle), s = SIN(angle);
-    y[at] = static_cast<T>(a * c - b * s);
-    y[at + 1u] = static_cast<T>(b * c + a * s);
+""" + ROTATE + """
   } else if (FP8) {
-    const float amax = FMAX(WARP_MAX(FMAX(a < 0.0f ? -a : a, b < 0.0f ? -b : b)), eps[2]);
+    const float amax = FMAX(WARP_MAX(FMAX(re < 0.0f ? -re : re, im < 0.0f ? -im : im)), eps[2]);
     const float block_scale = k_pow2(k_ceil_log2(amax * eps[1]));
-    y[at] = static_cast<T>(k_e4m3(FMIN(FMAX(a / block_scale, -eps[3]), eps[3])) * block_scale);
-    y[at + 1u] = static_cast<T>(k_e4m3(FMIN(FMAX(b / block_scale, -eps[3]), eps[3])) * block_scale);
+    y[at] = static_cast<T>(k_e4m3(FMIN(FMAX(re / block_scale, -eps[3]), eps[3])) * block_scale);
+    y[at + 1u] = static_cast<T>(k_e4m3(FMIN(FMAX(im / block_scale, -eps[3]), eps[3])) * block_scale);
   } else {
-    y[at] = static_cast<T>(a);
-    y[at + 1u] = static_cast<T>(b);
+    y[at] = static_cast<T>(re);
+    y[at + 1u] = static_cast<T>(im);
   }
 }
 """
@@ -81,7 +77,7 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float, reference: Callable[[], 
     """x [..., D], weight [D] -> the RMS-normalised x times weight in x's dtype, as `reference()`."""
     width = x.shape[-1]
     threads = next((t for t in (256, 128, 64, 32) if width % t == 0 and width // t >= 2), 32)
-    if (backend.backend() is None or x.dtype not in FLOATS or weight.dtype not in FLOATS or x.size == 0
+    if (backend.backend() is None or x.dtype not in backend.FLOATS or weight.dtype not in backend.FLOATS or x.size == 0
             or x.size >= 2**31 or width % threads or width // threads > MAX_PER_THREAD):
         return reference()
     template = [("T", x.dtype), ("D", width), ("NT", threads)]
@@ -96,11 +92,10 @@ def rms_norm_rope(x: mx.array, weight: mx.array, eps: float, positions: mx.array
     `fp8` = (e4m3 max, amax floor), the FP8 KV round trip of the other dims (blocks of 64): one launch for the
     layers' `fp8_kv(rope(norm(x)))`, as `reference()`."""
     width, dims = x.shape[-1], dim_freq.shape[0]
-    threads = next((t for t in (256, 128, 64, 32) if (width // 2) % t == 0), None)
-    if (backend.backend() is None or x.dtype not in FLOATS or weight.dtype not in FLOATS or x.ndim != 3
-            or x.size == 0 or x.size >= 2**31 or width % 2 or dims % 2 or dims > width or threads is None
-            or width // 2 // threads > MAX_PER_THREAD // 2 or positions.shape != (x.shape[1],)
-            or (fp8 is not None and (width - dims) % 64)):
+    threads = pair_threads(width)
+    if (backend.backend() is None or x.dtype not in backend.FLOATS or weight.dtype not in backend.FLOATS or x.ndim != 3
+            or x.size == 0 or x.size >= 2**31 or dims % 2 or dims > width or threads is None
+            or positions.shape != (x.shape[1],) or (fp8 is not None and (width - dims) % 64)):
         return reference()
     rows = x.size // width
     fmt_max, amax_floor = fp8 if fp8 is not None else (1.0, 0.0)

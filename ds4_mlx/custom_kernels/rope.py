@@ -19,7 +19,15 @@ import mlx.core as mx
 
 from . import backend
 
-FLOATS = (mx.float32, mx.bfloat16, mx.float16)
+# kernel source: pair `pair` of a row (at `at` in y; its values re and im as floats) rotated by `position` times the
+# pair's frequency (@SIGN@: the sine's sign, for the inverse rotation), rounded to T
+_ROTATE = """
+const float angle = position * dim_freq[2u * (pair - FIRST)];
+const float c = COS(angle), s = @SIGN@SIN(angle);
+y[at] = static_cast<T>(re * c - im * s);
+y[at + 1u] = static_cast<T>(im * c + re * s);
+"""
+ROTATE = backend.fill(_ROTATE, SIGN="")
 
 _BODY = """
 constexpr uint PAIRS = uint(D) / 2u, FIRST = uint(D - DIMS) / 2u;  // pairs per row; the first rotated pair
@@ -31,12 +39,8 @@ if (pair < FIRST) {
   y[at + 1u] = x[at + 1u];
   return;
 }
-// positions: one per row of heads (the wrapper repeats them per batch)
-const float angle = float(positions[row / uint(HEADS)]) * dim_freq[2u * (pair - FIRST)];
-const float c = COS(angle), s = INVERSE ? -SIN(angle) : SIN(angle);
-y[at] = static_cast<T>(re * c - im * s);
-y[at + 1u] = static_cast<T>(im * c + re * s);
-"""
+const float position = float(positions[row / uint(HEADS)]);  // one per row of heads (repeated per batch)
+""" + backend.fill(_ROTATE, SIGN="(INVERSE ? -1.0f : 1.0f) * ")
 
 # kernel source: one thread group of NT threads per row of D (GROUP_X), each thread PP pairs of it (pairs TID + NT *
 # j) loaded as floats into v[2 * PP]; FIRST: the first rotated pair
@@ -72,16 +76,20 @@ for (int j = 0; j < PP; ++j) {
     y[at] = static_cast<T>(re);
     y[at + 1u] = static_cast<T>(im);
   } else {
-    const float angle = position * dim_freq[2u * (pair - FIRST)];
-    const float c = COS(angle), s = SIN(angle);
-    y[at] = static_cast<T>(re * c - im * s);
-    y[at + 1u] = static_cast<T>(im * c + re * s);
+""" + ROTATE + """
   }
 }
 """
 
 KERNEL = backend.kernel("rope", ["x", "positions", "dim_freq"], ["y"], _BODY)
 NORMED = backend.kernel("head_norm_rope", ["x", "positions", "dim_freq", "eps"], ["y"], _NORMED_BODY)
+
+
+def pair_threads(width: int):
+    """Threads per group for LOAD_PAIRS rows `width` wide (a whole number of SIMD groups, up to 8 pairs each), or
+    None where such rows do not fit."""
+    threads = next((t for t in (256, 128, 64, 32) if (width // 2) % t == 0), None)
+    return threads if threads is not None and width % 2 == 0 and width // 2 // threads <= 8 else None
 
 
 def row_positions(positions: mx.array, rows: int, heads: int) -> mx.array:
@@ -98,7 +106,7 @@ def rotate(x: mx.array, positions: mx.array, dim_freq: mx.array, inverse: bool,
     heads = x.shape[-2] if x.ndim == 4 else 1
     rows = x.size // width
     threads = rows * width // 2  # one per pair of dims
-    if (backend.backend() is None or x.dtype not in FLOATS or x.size == 0 or x.size >= 2**31 or dims % 2
+    if (backend.backend() is None or x.dtype not in backend.FLOATS or x.size == 0 or x.size >= 2**31 or dims % 2
             or width % 2 or dims > width or threads % 32 or positions.shape != (x.shape[-3 if x.ndim == 4 else -2],)):
         return reference()
     group = next(g for g in (256, 128, 64, 32) if threads % g == 0)
@@ -113,10 +121,9 @@ def head_norm_rotate(x: mx.array, positions: mx.array, dim_freq: mx.array, eps: 
     """x [B, L, H, D] -> each head row normalised with the official roundings and rotated, as
     `reference()` (layers/attention.py: head_rms_norm, then the RoPE)."""
     dims, width = dim_freq.shape[0], x.shape[-1]
-    threads = next((t for t in (256, 128, 64, 32) if (width // 2) % t == 0), None)
-    if (backend.backend() is None or x.dtype not in FLOATS or x.ndim != 4 or x.size == 0 or x.size >= 2**31
-            or width % 2 or dims % 2 or dims > width or threads is None or width // 2 // threads > 8
-            or positions.shape != (x.shape[1],)):
+    threads = pair_threads(width)
+    if (backend.backend() is None or x.dtype not in backend.FLOATS or x.ndim != 4 or x.size == 0 or x.size >= 2**31
+            or dims % 2 or dims > width or threads is None or positions.shape != (x.shape[1],)):
         return reference()
     rows = x.size // width
     template = [("T", x.dtype), ("D", width), ("DIMS", dims), ("HEADS", x.shape[2]), ("NT", threads)]

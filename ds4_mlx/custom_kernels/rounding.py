@@ -16,7 +16,6 @@ import mlx.core as mx
 from . import backend
 
 FORMATS = {"e4m3": 0, "e2m1": 1}
-FLOATS = (mx.float32, mx.bfloat16, mx.float16)
 MAX_WARPS = 8  # blocks per thread group
 
 # e4m3 / e2m1 rounding helpers (also used by custom_kernels/norm.py)
@@ -74,7 +73,7 @@ def block_round_trip(x: mx.array, block: int, fmt: str, fmt_max: float, amax_flo
     `block` (a multiple of 32 dividing `rounded`) and the rest unchanged, as `reference()`."""
     width = x.shape[-1]
     rounded = width if rounded is None else rounded
-    if (backend.backend() is None or x.dtype not in FLOATS or x.size == 0 or block % 32 or rounded % block
+    if (backend.backend() is None or x.dtype not in backend.FLOATS or x.size == 0 or block % 32 or rounded % block
             or rounded > width or x.size >= 2**31):
         return reference()
     blocks = x.size // width * (rounded // block)

@@ -16,7 +16,6 @@ import mlx.core as mx
 from . import backend
 
 MAX_ROWS = 8  # decode-sized: up to this many rows (more: the reference)
-FLOATS = (mx.float32, mx.bfloat16, mx.float16)
 
 # one SIMD group per output column n of matrix m (columns of all matrices numbered in one range)
 _BODY = """
@@ -47,8 +46,8 @@ PAIR = backend.kernel("row_product_pair", ["x", "w1", "w2", "bias"], ["y1", "y2"
 
 def _applies(x: mx.array, weights) -> bool:
     rows = x.size // max(x.shape[-1], 1)
-    return (backend.backend() is not None and 0 < rows <= MAX_ROWS and x.dtype in FLOATS
-            and all(w.ndim == 2 and w.dtype in FLOATS and w.shape == weights[0].shape for w in weights)
+    return (backend.backend() is not None and 0 < rows <= MAX_ROWS and x.dtype in backend.FLOATS
+            and all(w.ndim == 2 and w.dtype in backend.FLOATS and w.shape == weights[0].shape for w in weights)
             and x.shape[-1] == weights[0].shape[1])
 
 
