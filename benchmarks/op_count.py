@@ -12,8 +12,9 @@ step takes at least the larger of this and the GPU's time.
 
 --stub-kernels counts the kernels-on graph where no GPU backend exists (the CPU): every kernel call becomes a
 placeholder node that depends on its inputs (mx.depends of its outputs' shapes, one "Depends" node per call,
-counted as one launching op) and the decode graphs are compiled as on a GPU, so the counts are the GPU's
-graph's without running a kernel (the placeholders compute nothing: the logits are meaningless).
+counted as one launching op), the decode graphs are compiled and the linear layers multiply half-precision inputs
+directly (no fp32 casts around them: layers/linear.py's CPU-only exactness) as on a GPU, so the counts are the
+GPU's graph's without running a kernel (the placeholders compute nothing: the logits are meaningless).
 """
 
 import sys
@@ -27,7 +28,7 @@ import mlx.core as mx  # noqa: E402
 
 import flash  # noqa: E402
 from ds4_mlx.custom_kernels import backend  # noqa: E402
-from ds4_mlx.layers import compiled  # noqa: E402
+from ds4_mlx.layers import compiled, linear  # noqa: E402
 
 
 @contextmanager
@@ -39,15 +40,16 @@ def stubbed_kernels():
         mx.eval(outputs)
         return mx.depends(outputs, list(inputs))
 
-    saved = backend.Kernel.launch, backend.backend, compiled.enabled()
+    saved = backend.Kernel.launch, backend.backend, linear._exact, compiled.enabled()
     backend.Kernel.launch = launch
+    linear._exact = lambda product, x, *args, **kwargs: product(x, *args, **kwargs)
     backend.backend = lambda: "cuda" if backend.enabled() else None
     compiled.set_enabled(True, cpu=True)
     try:
         yield
     finally:
-        backend.Kernel.launch, backend.backend = saved[:2]
-        compiled.set_enabled(saved[2])
+        backend.Kernel.launch, backend.backend, linear._exact = saved[:3]
+        compiled.set_enabled(saved[3])
 
 
 def kernels_as_launches(counts: dict) -> dict:
@@ -57,15 +59,17 @@ def kernels_as_launches(counts: dict) -> dict:
 
 
 def layer_counts(model, caches, token: int = 7) -> list:
-    """Per layer: the counts of one token's step through it (the caches advance by the token)."""
+    """Per layer: the counts of one token's step through it (the caches advance by the token). The positions,
+    which Model.hidden makes once for all layers (one op per step), are made and evaluated first."""
     ids = mx.array([[token]], dtype=mx.int32)
     x = model.embed(ids)
     streams = mx.broadcast_to(x[:, :, None], (1, 1, model.hc_mult, x.shape[-1]))
-    mx.eval(streams)
+    positions = mx.arange(caches[0].offset, caches[0].offset + 1)
+    mx.eval(streams, positions)
     rows = []
     for i, (layer, cache) in enumerate(zip(model.layers, caches)):
         start = time.perf_counter()
-        out = layer(streams, cache, ids)
+        out = layer(streams, cache, ids, positions)
         build = time.perf_counter() - start
         row = {"layer": i, "kind": flash.KINDS[model.args.compress_ratio(i)], "build_ms": build * 1e3}
         row.update(kernels_as_launches(flash.count_ops(out, *cache.arrays())))

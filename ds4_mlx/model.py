@@ -48,10 +48,13 @@ class Block(nn.Module):
         out = self.ffn(self.ffn_norm(x), token_ids)
         return HyperConnection.expand(out, streams, post, comb)
 
-    def __call__(self, streams: mx.array, cache: WindowCache, token_ids: mx.array) -> mx.array:
-        """streams [B, L, hc, dim] -> streams [B, L, hc, dim]. Around the attention's cache work,
-        the stateless parts run as two compiled graphs when decoding on a GPU (layers/compiled.py)."""
-        positions = mx.arange(cache.offset, cache.offset + streams.shape[1])
+    def __call__(self, streams: mx.array, cache: WindowCache, token_ids: mx.array,
+                 positions: Optional[mx.array] = None) -> mx.array:
+        """streams [B, L, hc, dim] -> streams [B, L, hc, dim]; `positions` [L]: the cache's next L positions
+        (the model makes them once for all its layers). Around the attention's cache work, the stateless parts
+        run as two compiled graphs when decoding on a GPU (layers/compiled.py)."""
+        if positions is None:
+            positions = mx.arange(cache.offset, cache.offset + streams.shape[1])
         x, post, comb, *projections = self._attention_input(streams, positions)
         out = self.attn.attend(x, projections, cache)
         return self._feed_forward(out, positions, streams, post, comb, token_ids)
@@ -103,8 +106,10 @@ class Model(nn.Module):
         """inputs [B, L] token ids -> pre-head streams [B, L, hc, dim]."""
         x = self.embed(inputs)
         streams = mx.broadcast_to(x[:, :, None], (*x.shape[:2], self.hc_mult, x.shape[-1]))
+        start = cache[0].offset  # every layer's cache is at the same position
+        positions = mx.arange(start, start + inputs.shape[1])
         for layer, layer_cache in zip(self.layers, cache):
-            streams = layer(streams, layer_cache, inputs)
+            streams = layer(streams, layer_cache, inputs, positions)
         return streams
 
     def logits(self, streams: mx.array, hc_head: Optional[HyperHead] = None, norm: Optional[RMSNorm] = None) -> mx.array:

@@ -16,6 +16,7 @@ The weights' decoding is checked bit-exactly against mx.dequantize.
 
 import copy
 import math
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -25,8 +26,9 @@ from kernel_emulator import emulate, record_launches
 
 from ds4_mlx.custom_kernels import backend
 from ds4_mlx.custom_kernels import moe as mk
-from ds4_mlx.layers.linear import StackedLinear
+from ds4_mlx.layers.linear import Linear, StackedLinear
 from ds4_mlx.layers.moe import clamped_swiglu, routed_experts_reference
+from ds4_mlx.layers.numerics import fp8_input
 
 LIMIT = 10.0
 
@@ -162,7 +164,8 @@ def emulated(monkeypatch):
 
 def kernel_dequantize(wq, scales, biases, mode, bits, group_size):
     """The kernels' decoding, in numpy: affine codes through the float-bits trick (codes at
-    bit p*bits of a half word, times 2^-(p*bits)); mxfp4 through the e2m1 table and E8M0 bits."""
+    bit p*bits of a half word, times 2^-(p*bits)); mxfp4 through the e2m1 table, mxfp8 from the e4m3 bits
+    (the shared expert), both times their E8M0 scales."""
     q = np.array(wq).astype(np.uint32)
     if mode == "affine":
         per_word, half = 32 // bits, 16 // bits
@@ -178,6 +181,15 @@ def kernel_dequantize(wq, scales, biases, mode, bits, group_size):
         s = np.repeat(f32(scales), group_size, -1)
         b = np.repeat(f32(biases), group_size, -1)
         return s * codes + b
+    if mode == "mxfp8":  # e4m3 codes (byte j of a word is element j) from their bits
+        b = np.stack([(q >> np.uint32(8 * j)) & np.uint32(255) for j in range(4)], -1).reshape(*q.shape[:-1], -1)
+        e, m = (b >> np.uint32(3)) & np.uint32(15), b & np.uint32(7)
+        normal = (((e + np.uint32(120)) << np.uint32(23)) | (m << np.uint32(20))).view(np.float32)
+        magnitude = np.where(e > 0, normal, m.astype(np.float32) * np.float32(2.0**-9))
+        codes = np.where(b & np.uint32(128), -magnitude, magnitude)
+        e8 = np.array(scales).astype(np.uint32)
+        scale = np.where(e8 == 0, np.float32(2.0**-127), (e8 << np.uint32(23)).view(np.float32))
+        return codes * np.repeat(scale, 32, -1)
     table = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
     codes = np.stack([table[(q >> np.uint32(4 * j)) & np.uint32(15)] for j in range(8)], -1).reshape(*q.shape[:-1], -1)
     e = np.array(scales).astype(np.uint32)
@@ -187,9 +199,11 @@ def kernel_dequantize(wq, scales, biases, mode, bits, group_size):
 
 @pytest.mark.parametrize("mode,bits,group_size", [("affine", 2, 32), ("affine", 2, 64), ("affine", 2, 128),
                                                   ("affine", 4, 32), ("affine", 4, 64), ("affine", 4, 128),
-                                                  ("affine", 8, 64), ("mxfp4", 4, 32)])
+                                                  ("affine", 8, 64), ("mxfp4", 4, 32), ("mxfp8", 8, 32)])
 def test_decoding_matches_mx_dequantize(mode, bits, group_size):
-    w = mx.random.normal((3, 16, 256), key=mx.random.key(1)) * mx.array([0.01, 1.0, 300.0])[:, None, None]
+    """Scales 1e-8 (mxfp8: subnormal e4m3 codes in the blocks with small values) to 300."""
+    w = mx.random.normal((4, 16, 256), key=mx.random.key(1)) * mx.array([1e-8, 0.01, 1.0, 300.0])[:, None, None]
+    w = w * mx.exp(mx.random.normal(w.shape, key=mx.random.key(2)))  # values spread over many binades
     wq, scales, *biases = mx.quantize(w.astype(mx.bfloat16), group_size, bits, mode=mode)
     biases = biases[0] if biases else None
     fp32 = (lambda a: a.astype(mx.float32)) if mode == "affine" else (lambda a: a)
@@ -268,6 +282,118 @@ def test_reference_where_the_kernels_do_not_apply(emulated):
         reference = routed_experts_reference(x[:n], weights[:n], indices[:n], w1, w2, w3, LIMIT, False)
         np.testing.assert_array_equal(np.array(ours), np.array(reference))
     assert emulated == []
+
+
+# ---- the shared expert (mxfp8) in the same launches ----
+
+def make_shared(dim, inter, dtype=mx.bfloat16, seed=0):
+    """The shared expert's w1, w2, w3 as the checkpoint's FP8 linears load: mxfp8, group 32."""
+    key = mx.random.key(100 + seed)
+    linears = []
+    for i, (fan_in, fan_out) in enumerate(((dim, inter), (inter, dim), (dim, inter))):
+        linear = Linear(fan_in, fan_out)
+        linear.weight = (mx.random.normal((fan_out, fan_in), key=mx.random.split(key, 3)[i])
+                         * (1 / math.sqrt(fan_in))).astype(dtype)
+        linears.append(linear.to_quantized(32, 8, "mxfp8"))
+        mx.eval(linears[-1].parameters())
+    return SimpleNamespace(w1=linears[0], w2=linears[1], w3=linears[2])
+
+
+def moe_reference(x, weights, indices, routed, shared, limit=LIMIT, fp8=False):
+    """layers.moe.MoE's expert sum without the kernels: (routed (fp32) + shared) in x's dtype."""
+    hidden = fp8_input(clamped_swiglu(shared.w1(x), shared.w3(x), limit).astype(x.dtype), fp8)
+    routed_sum = routed_experts_reference(x, weights, indices, routed.w1, routed.w2, routed.w3, limit, fp8)
+    return (routed_sum + shared.w2(hidden)).astype(x.dtype)
+
+
+# (mode, bits, group size, dim, inter, tokens, k, activation dtype); experts = 8
+SHARED_CASES = [
+    ("affine", 2, 128, 128, 128, 1, 6, mx.bfloat16),
+    ("affine", 4, 64, 128, 64, 2, 3, mx.bfloat16),
+    ("mxfp4", 4, 32, 96, 64, 2, 2, mx.float32),  # fp32 activations; 24 mxfp8 words per w1 row
+    ("affine", 8, 32, 64, 96, 3, 2, mx.float16),
+]
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=_case_id)
+def test_emulated_with_the_shared_expert(small_geometry, emulated, case):
+    """Stage by stage: gate/up's routed rows are the routed kernel's, bit for bit, and its shared rows are the
+    shared expert's SwiGLU within hidden's ulp bound; the down output is (routed sum + shared) rounded once, within
+    the ulps of the k + 1 rounded products and of the total; end to end against MoE's own expression."""
+    mode, bits, group_size, dim, inter, n_tokens, k, dtype = case
+    w1, w2, w3 = make_experts(8, dim, inter, mode, bits, group_size, dtype=dtype, seed=n_tokens + k)
+    routed, shared = SimpleNamespace(w1=w1, w2=w2, w3=w3), make_shared(dim, inter, dtype, seed=k)
+    x, weights, indices = make_inputs(n_tokens, k, 8, dim, dtype, seed=k)
+    fmts = mk.formats(x, weights, indices, w1, w2, w3)
+    assert mk.shared_applies(shared, dim, inter)
+    ours_h = mk.gate_up(x, weights, indices, w1, w3, fmts[0], LIMIT, shared)
+    assert ours_h.shape == (n_tokens * (k + 1), inter) and ours_h.dtype == dtype
+    alone = mk.gate_up(x, weights, indices, w1, w3, fmts[0], LIMIT)
+    np.testing.assert_array_equal(f32(ours_h[: n_tokens * k]), f32(alone))
+    g, u = shared.w1(x), shared.w3(x)
+    assert (f32(g) > LIMIT).any() and (f32(u) < -LIMIT).any()  # the clamp is active
+    h = clamped_swiglu(g, u, LIMIT).astype(dtype)
+    assert_hidden_close(ours_h[n_tokens * k :], g, u, h, dtype, flips=0.03)
+
+    out = mk.down(ours_h, indices, w2, fmts[1], shared)
+    assert out.shape == (n_tokens, dim) and out.dtype == dtype
+    y, routed_sum = reference_down(ours_h[: n_tokens * k], indices, w2)
+    y_shared = shared.w2(ours_h[n_tokens * k :])
+    expected = f32((routed_sum + y_shared).astype(dtype))
+    magnitude = np.abs(f32(y)).sum(1) + np.abs(f32(y_shared))  # fp32 reordering noise scales with the terms
+    allowed = ulp(f32(y), dtype).sum(1) + ulp(f32(y_shared), dtype) + ulp(expected, dtype) + 1e-5 * magnitude
+    assert (np.abs(f32(out) - expected) <= allowed).all()
+
+    ours = mk.experts(x, weights, indices, routed, shared, LIMIT, False)
+    assert_end_to_end_close(f32(ours), f32(moe_reference(x, weights, indices, routed, shared)), 2.0**-7)
+    assert emulated == [f"moe_gate_up_shared_{mode}", f"moe_gate_up_{mode}", f"moe_down_shared_{mode}",
+                        f"moe_gate_up_shared_{mode}", f"moe_down_shared_{mode}"]
+
+
+def test_emulated_moe_layer_with_the_shared_expert(emulated, monkeypatch):
+    """layers.moe.MoE at the Flash geometry (8 warps, 2 rows each) with 2-bit g128 routed experts, an mxfp8 shared
+    expert and FP8-simulated activations: kernels (two launches and the hidden round trip between them) against
+    the same layer with the kernels off."""
+    from ds4_mlx.config import ModelArgs
+    from ds4_mlx.layers.moe import MoE
+
+    args = ModelArgs(hidden_size=128, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=6,
+                     num_hash_layers=0, vocab_size=64, fp8_activations=True, swiglu_limit=LIMIT,
+                     num_hidden_layers=1, compress_ratios=[0, 0])
+    layer = MoE(args, layer_id=0)
+    w1, w2, w3 = make_experts(8, 128, 128, "affine", 2, 128, seed=3)
+    layer.experts.w1, layer.experts.w2, layer.experts.w3 = w1, w2, w3
+    shared = make_shared(128, 128, seed=4)
+    layer.shared_experts.w1, layer.shared_experts.w2, layer.shared_experts.w3 = shared.w1, shared.w2, shared.w3
+    layer.gate.weight = mx.random.normal((8, 128), key=mx.random.key(5)) * 0.1
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(6)).astype(mx.bfloat16) * 8
+    ours = layer(x, mx.array([[3]], dtype=mx.int32))
+    assert [n for n in emulated if n.startswith("moe_")] == ["moe_gate_up_shared_affine", "moe_down_shared_affine"]
+    assert emulated.count("block_round_trip") == 2  # the input's and the hidden rows' FP8 round trips
+    launched = len(emulated)
+    monkeypatch.setattr(backend, "backend", lambda: None)  # no kernel backend: the layer's MLX path
+    reference = layer(x, mx.array([[3]], dtype=mx.int32))
+    assert len(emulated) == launched
+    assert ours.dtype == reference.dtype == mx.bfloat16
+    assert_end_to_end_close(f32(ours), f32(reference), 2.0**-7)
+
+
+def test_shared_expert_apart_where_it_does_not_fit(small_geometry, emulated, monkeypatch):
+    """An unquantized or non-mxfp8 shared expert, or a down kernel whose staged rows exceed the group memory with
+    the shared row (and not without it): `experts` gives None (MoE then runs the routed kernels alone)."""
+    w1, w2, w3 = make_experts(8, 64, 64, "affine", 4, 32, seed=1)
+    routed = SimpleNamespace(w1=w1, w2=w2, w3=w3)
+    x, weights, indices = make_inputs(1, 2, 8, 64, mx.bfloat16, seed=2)
+    unquantized = SimpleNamespace(w1=Linear(64, 64), w2=Linear(64, 64), w3=Linear(64, 64))
+    affine = SimpleNamespace(**{n: getattr(unquantized, n).to_quantized(32, 8, "affine") for n in ("w1", "w2", "w3")})
+    for shared in (unquantized, affine):
+        assert not mk.shared_applies(shared, 64, 64)
+        assert mk.experts(x, weights, indices, routed, shared, LIMIT, False) is None
+    staged = 2 * 64 * 2 + 2 * 64 * 4 // 32 * 4 + 64  # the down kernel's bytes without the shared row
+    monkeypatch.setattr(mk, "SHARED_BYTES", {"cuda": staged, "metal": staged})
+    assert mk.experts(x, weights, indices, routed, make_shared(64, 64), LIMIT, False) is None
+    assert mk.routed_experts(x, weights, indices, w1, w2, w3, LIMIT, False) is not None
+    assert emulated == ["moe_gate_up_shared_affine", "moe_gate_up_affine", "moe_down_affine"]
 
 
 # ---- prefill: grouped tensor-core products (custom_kernels/moe_prefill.py, prefill_matmul.py) ----
@@ -363,6 +489,25 @@ def test_gpu_flash_shapes(flash_experts, launches, n_tokens):
     assert launches == [f"moe_gate_up_{mode}", f"moe_down_{mode}"] * 2
 
 
+@pytest.mark.gpu
+def test_gpu_flash_shapes_with_the_shared_expert(flash_experts, launches):
+    """One token through the 256 Flash experts and an mxfp8 shared expert [2048 x 4096] in the two shared launches,
+    against MoE's expression on the CPU. On Metal the shared row does not fit the down kernel's 32 KB: None."""
+    _require_gpu()
+    (mode, _, _), (w1, w2, w3) = flash_experts
+    routed, shared = SimpleNamespace(w1=w1, w2=w2, w3=w3), make_shared(4096, 2048, seed=2)
+    x, weights, indices = make_inputs(1, 6, 256, 4096, mx.bfloat16, seed=7, x_scale=8.0)
+    ours = mk.experts(x, weights, indices, routed, shared, LIMIT, True)
+    if backend.backend() == "metal":
+        assert ours is None
+        return
+    with mx.stream(mx.cpu):
+        reference = moe_reference(x, weights, indices, routed, shared, fp8=True)
+        mx.eval(reference)
+    assert_end_to_end_close(f32(ours), f32(reference), 2.0**-7)
+    assert launches == [f"moe_gate_up_shared_{mode}", "block_round_trip", f"moe_down_shared_{mode}"]
+
+
 def expert_subset(linears, experts):
     """Copies of stacked (quantized) linears holding only the listed experts, in that order."""
     out = []
@@ -415,8 +560,8 @@ def small_model_dir(request, tmp_path_factory, small_checkpoint, small_native):
 @pytest.mark.gpu
 @pytest.mark.parametrize("activations", ["float32", "bfloat16"])
 def test_gpu_tiny_model_with_and_without_the_moe_kernel(monkeypatch, launches, small_model_dir, activations):
-    """A 12-token prefill (reference path), a 4-token chunk and 24 decode steps (kernel path) of
-    the SMALL model with the MoE kernels vs the reference (other kernels on in both runs)."""
+    """A 12-token prefill (reference path), a 4-token chunk and 24 decode steps (kernel path: routed and shared
+    experts together) of the SMALL model with the MoE kernels vs the reference (other kernels on in both runs)."""
     from conftest import load_fp32, random_ids, run_chunks
 
     from ds4_mlx import load_model
@@ -427,7 +572,8 @@ def test_gpu_tiny_model_with_and_without_the_moe_kernel(monkeypatch, launches, s
     model = load_fp32(path) if activations == "float32" else load_model(path)
     ids = random_ids(40, 512, seed=4)
     ours = run_chunks(model, ids, [12, 4])
-    assert launches.count(f"moe_down_{mode}") >= 25 * model.args.num_hidden_layers
+    assert launches.count(f"moe_down_shared_{mode}") >= 25 * model.args.num_hidden_layers
+    monkeypatch.setattr(moe_layer.moe_kernels, "experts", lambda *args: None)
     monkeypatch.setattr(moe_layer.moe_kernels, "routed_experts", routed_experts_reference)
     reference = run_chunks(model, ids, [12, 4])
     delta = np.abs(ours - reference).max(-1)
@@ -436,3 +582,21 @@ def test_gpu_tiny_model_with_and_without_the_moe_kernel(monkeypatch, launches, s
         assert (delta > 1e-3).mean() <= 1 / 40, delta
     else:  # bf16 rounding noise (as tests/test_invariance.py allows on a GPU)
         assert np.median(delta) <= 0.1 and agree >= 0.95, (np.median(delta), agree)
+
+
+def test_emulated_small_model_with_the_moe_kernels(small_native, small_geometry, monkeypatch):
+    """The SMALL model (fp32; mxfp4 routed experts, mxfp8 shared expert) prefilling 12 tokens (the reference's
+    path), then a 2-token chunk and a single token through the MoE kernels (routed and shared together), every
+    other kernel on its reference: the logits of the pure-MLX path within fp32 noise."""
+    from conftest import SMALL, load_fp32, random_ids, run_chunks
+    from kernel_emulator import references_for
+
+    model = load_fp32(small_native)
+    ids = random_ids(15, SMALL["vocab_size"], seed=6)
+    off = run_chunks(model, ids, [12, 2])
+    emulate(monkeypatch)
+    launched = record_launches(monkeypatch)
+    references_for(monkeypatch, lambda name: not name.startswith("moe_"))
+    on = run_chunks(model, ids, [12, 2])
+    assert launched == ["moe_gate_up_shared_mxfp4", "moe_down_shared_mxfp4"] * 2 * SMALL["num_hidden_layers"]
+    np.testing.assert_allclose(on, off, rtol=0, atol=1e-4 * np.abs(off).max())

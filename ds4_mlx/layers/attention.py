@@ -63,7 +63,9 @@ class Attention(nn.Module):
         group_in = self.n_heads * self.head_dim // self.groups
         self.wo_a = StackedLinear(group_in, self.o_rank, self.groups)
         self.wo_b = Linear(self.groups * self.o_rank, args.hidden_size)
-        self._group_ids = mx.arange(self.groups)  # not a parameter (leading underscore)
+        # not a parameter (leading underscore); built from a list, so already evaluated: a lazy mx.arange would
+        # stay an Arange op in every compiled decode graph that reads it
+        self._group_ids = mx.array(list(range(self.groups)), dtype=mx.uint32)
         self.attn_sink = mx.zeros((self.n_heads,), dtype=mx.float32)
         self.rope = RoPE(args, compressed=self.ratio > 0)
         if self.ratio:
