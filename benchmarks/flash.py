@@ -487,7 +487,9 @@ def gb(x) -> float:
 
 
 def device_info(bandwidth: Optional[float] = None) -> dict:
-    """The device and the memory bandwidth used for the ceilings (--bandwidth, else by the GPU's name)."""
+    """The device, the memory bandwidth used for the ceilings (--bandwidth, else by the GPU's name) and the MLX_*
+    environment variables set (MLX's CUDA backend reads its graph batching from them: MLX_MAX_OPS_PER_BUFFER,
+    MLX_CUDA_GRAPH_CACHE_SIZE, MLX_USE_CUDA_GRAPHS), which change what a host-bound decode step costs."""
     info = {}
     try:
         info = dict(mx.device_info())
@@ -517,7 +519,8 @@ def device_info(bandwidth: Optional[float] = None) -> dict:
                 break
     memory = info.get("memory_size") or info.get("total_memory")
     return {"name": name, "backend": kind, "mlx": mx.__version__, "memory_bytes": memory,
-            "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": source}
+            "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": source,
+            "mlx_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLX_")}}
 
 
 def kernel_modes(choice: str) -> List[bool]:

@@ -110,14 +110,15 @@ def test_recipe_layouts(recipe):
     assert flash.check_logits(model, flash.fresh_caches(model, 40))["finite"]
 
 
-def test_decode(tmp_path):
+def test_decode(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_DS4_TEST_MARK", "64")  # MLX_* variables are recorded with the device (MLX reads not this)
     out = tmp_path / "decode.json"
     r = load("decode").main(TINY + ["--contexts", "40,300", "--tokens", "6", "--warmup", "2", "--part-reps", "2",
                                     "--bandwidth", "1e11", "--out", str(out)])
     assert json.loads(out.read_text())["benchmark"] == "decode"
     assert backend.enabled()  # restored
     assert r["config"]["kinds"] == {"window": 1, "csa": 2, "hca": 1} and r["config"]["compiled_decode"] is True
-    assert r["device"]["bandwidth_bytes_per_s"] == 1e11
+    assert r["device"]["bandwidth_bytes_per_s"] == 1e11 and r["device"]["mlx_env"]["MLX_DS4_TEST_MARK"] == "64"
     assert set(r["results"]) == {"40", "300"}
     for context, entry in r["results"].items():
         assert set(entry) == {"on", "off", "speedup"} and entry["speedup"]["step"] > 0

@@ -34,8 +34,9 @@ The shared expert (mxfp8, as every recipe keeps the checkpoint's FP8 linears) jo
 (`experts`): N more gate/up slots read its w1 / w3, and each down group adds its w2 rows' product after the K
 routed ones, rounding where the reference rounds (its products to the activation dtype, then routed sum +
 shared rounded once): this saves the shared expert's three quantized products, its SwiGLU and the sum (five
-launches per layer). Where it does not fit (the down kernel stages one more hidden row: Metal's 32 KB of
-threadgroup memory at Flash shapes) the routed kernels run alone and the shared expert with MLX.
+launches per layer). Where it does not fit (the down kernel stages one more hidden row, 4 KB in bf16 at Flash
+shapes: Metal's 32 KB of threadgroup memory holds it for q2 and native, not for q4) the routed kernels run alone
+and the shared expert with MLX.
 """
 
 from typing import NamedTuple, Optional
@@ -266,17 +267,27 @@ for (uint t = TID; t < uint(@ROWS@ * WPR); t += uint(NT)) {
   @STORE_SUM@
 }
 """
-# the routed rows' staging: bf16 activations as packed pairs (j, j + 1) of bf16 bits (bf16 values times powers of
-# two: the low 16 bits of their floats are zero), other dtypes as float
-_STORE_ROUTED = """
+# staged hidden rows: bf16 activations as packed pairs (j, j + 1) of bf16 bits (bf16 values times powers of two:
+# the low 16 bits of their floats are zero) in @HP@, other dtypes as float in @HF@; row k, word w, element j
+_STORE = """
   if (PACKED) {
     for (int j = 0; j < EPW / 2; ++j)
-      hp[(k * uint(EPW / 2) + uint(j)) * uint(WPR) + w] =
+      @HP@[(k * uint(EPW / 2) + uint(j)) * uint(WPR) + w] =
           (moe_bits(vals[2 * j]) >> 16) | (moe_bits(vals[2 * j + 1]) & 0xFFFF0000u);
   } else {
-    for (int j = 0; j < EPW; ++j) hf[(k * uint(EPW) + uint(j)) * uint(WPR) + w] = vals[j];
+    for (int j = 0; j < EPW; ++j) @HF@[(k * uint(EPW) + uint(j)) * uint(WPR) + w] = vals[j];
   }"""
-_STORE_SHARED = "for (int j = 0; j < EPW; ++j) hs[uint(j) * uint(WPR) + w] = vals[j];"
+_LOAD = """
+      float xv[EPW];
+      if (PACKED) {
+        for (int j = 0; j < EPW / 2; ++j) {
+          const uint32_t pair = @HP@[(uint(@ROW@) * uint(EPW / 2) + uint(j)) * uint(WPR) + w];
+          xv[2 * j] = moe_f32(pair << 16);
+          xv[2 * j + 1] = moe_f32(pair & 0xFFFF0000u);
+        }
+      } else {
+        for (int j = 0; j < EPW; ++j) xv[j] = @HF@[(uint(@ROW@) * uint(EPW) + uint(j)) * uint(WPR) + w];
+      }"""
 
 _DOWN_ROUTED = """
 #pragma unroll 2
@@ -284,16 +295,7 @@ for (int i = 0; i < (WPR + 31) / 32; ++i) {
   const uint w = LANE + 32u * uint(i);
   if (WPR % 32 == 0 || w < uint(WPR)) {
     for (int k = 0; k < K; ++k) {
-      float xv[EPW];
-      if (PACKED) {
-        for (int j = 0; j < EPW / 2; ++j) {
-          const uint32_t pair = hp[(uint(k) * uint(EPW / 2) + uint(j)) * uint(WPR) + w];
-          xv[2 * j] = moe_f32(pair << 16);
-          xv[2 * j + 1] = moe_f32(pair & 0xFFFF0000u);
-        }
-      } else {
-        for (int j = 0; j < EPW; ++j) xv[j] = hf[(uint(k) * uint(EPW) + uint(j)) * uint(WPR) + w];
-      }
+      @LOAD@
       @LOAD_SUM@
       for (int r = 0; r < RB; ++r) {
         const uint row = ex[k] * uint(DIM) + row0 + uint(r);
@@ -309,8 +311,7 @@ _DOWN_SHARED = """
 for (int i = 0; i < (WPR + 31) / 32; ++i) {
   const uint w = LANE + 32u * uint(i);
   if (WPR % 32 == 0 || w < uint(WPR)) {
-    float xv[EPW];
-    for (int j = 0; j < EPW; ++j) xv[j] = hs[uint(j) * uint(WPR) + w];
+    @LOAD@
     for (int r = 0; r < RB; ++r) {
       const uint row = row0 + uint(r);
       const uint wi = row * uint(WPR) + w;
@@ -330,16 +331,19 @@ def _down_body(mode: str, with_shared: bool) -> str:
 constexpr int NW = NT / 32;
 SHARED uint32_t hp[PACKED ? K * INTER / 2 : 1];
 SHARED float hf[PACKED ? 1 : K * INTER];
-""" + backend.fill(m["shared"], XSUM="K * INTER * BITS / 32") + ("SHARED float hs[INTER];\n" if with_shared else "")
+""" + backend.fill(m["shared"], XSUM="K * INTER * BITS / 32")
+    if with_shared:  # its hidden row, staged as the routed ones
+        body += "\nSHARED uint32_t hsp[PACKED ? INTER / 2 : 1];\nSHARED float hsf[PACKED ? 1 : INTER];\n"
     body += m["setup"] + """
 const uint n = GROUP_Y;
 const uint row0 = (GROUP_X * uint(NW) + WARP) * uint(RB);
 """
     body += _part(mode, "GS", _DOWN_STAGE, ROW_LEN="INTER", ROWS="K", FIRST_ROW="n * uint(K)",
-                  PRESCALE=m["prescale"], STORE=_STORE_ROUTED, STORE_SUM=backend.fill(m["sum"], AT="t"))
+                  PRESCALE=m["prescale"], STORE=backend.fill(_STORE, HP="hp", HF="hf"),
+                  STORE_SUM=backend.fill(m["sum"], AT="t"))
     if with_shared:
         body += _part(SHARED_MODE, "32", _DOWN_STAGE, ROW_LEN="INTER", ROWS="1", FIRST_ROW="uint(ROUTED) + n",
-                      PRESCALE="1.0f", STORE=_STORE_SHARED, STORE_SUM="")
+                      PRESCALE="1.0f", STORE=backend.fill(_STORE, HP="hsp", HF="hsf"), STORE_SUM="")
     body += """BARRIER();
 uint ex[K];
 for (int k = 0; k < K; ++k) ex[k] = static_cast<uint>(inds[n * uint(K) + uint(k)]);
@@ -348,7 +352,7 @@ for (int k = 0; k < K; ++k) ex[k] = static_cast<uint>(inds[n * uint(K) + uint(k)
 float acc[K * RB];
 for (int a = 0; a < K * RB; ++a) acc[a] = 0.0f;
 """
-    body += _part(mode, "GS", _DOWN_ROUTED, ROW_LEN="INTER",
+    body += _part(mode, "GS", _DOWN_ROUTED, ROW_LEN="INTER", LOAD=backend.fill(_LOAD, HP="hp", HF="hf", ROW="k"),
                   LOAD_SUM=backend.fill(m["load_sum"], AT="uint(k) * uint(WPR) + w"),
                   DOT2=_dot(mode, "acc[k * RB + r]", "w2", "s2", "b2"))
     body += """// the reference's per-expert down products come out in the activation dtype; summed in fp32
@@ -360,6 +364,7 @@ for (int k = 0; k < K; ++k)
     if with_shared:
         body += "float accs[RB];\nfor (int r = 0; r < RB; ++r) accs[r] = 0.0f;\n"
         body += _part(SHARED_MODE, "32", _DOWN_SHARED, ROW_LEN="INTER",
+                      LOAD=backend.fill(_LOAD, HP="hsp", HF="hsf", ROW="0"),
                       DOT2=_dot(SHARED_MODE, "accs[r]", "sw2", "ss2", ""))
         body += """// then the shared expert's down product (activation dtype) added; the total rounded once
 for (int r = 0; r < RB; ++r) tot[r] += static_cast<float>(static_cast<T>(WARP_SUM(accs[r])));
@@ -454,6 +459,14 @@ def gate_up(x: mx.array, weights: mx.array, indices: mx.array, w1, w3, fmt: Form
     return None if out is None else out[0]
 
 
+def down_bytes(k: int, inter: int, fmt: Format, packed: bool, shared) -> int:
+    """Shared / threadgroup memory of a down group: the k hidden rows (bf16 pairs if `packed`, else float), the
+    affine word sums or mxfp4's table, and the shared expert's row with `shared`."""
+    row = inter * (2 if packed else 4)
+    sums = k * inter * fmt.bits // 32 * 4 if fmt.mode == "affine" else 0
+    return k * row + sums + 64 + (row if shared is not None else 0)
+
+
 def down(hidden: mx.array, indices: mx.array, w2, fmt: Format, shared=None):
     """out [N, dim] fp32: sum over j of expert indices[n, j]'s down product of hidden[n * k + j]
     (each rounded to hidden's dtype first); with `shared` (gate_up's rows with the shared expert), plus the shared
@@ -463,10 +476,7 @@ def down(hidden: mx.array, indices: mx.array, w2, fmt: Format, shared=None):
     dim, inter = w2.weight.shape[1], hidden.shape[-1]
     geometry = _geometry(dim, DOWN_WARPS, DOWN_ROWS)
     packed = hidden.dtype == mx.bfloat16  # other activation dtypes are staged as float
-    staged = k * inter * (2 if packed else 4) + k * inter * fmt.bits // 32 * 4 + 64
-    if shared is not None:
-        staged += inter * 4
-    if backend.backend() is None or geometry is None or staged > _shared_limit():
+    if backend.backend() is None or geometry is None or down_bytes(k, inter, fmt, packed, shared) > _shared_limit():
         return None
     warps, rows = geometry
     ins = [hidden, w2.weight, w2.scales] + ([w2.biases] if fmt.mode == "affine" else []) + [indices.reshape(-1)]
