@@ -523,15 +523,19 @@ def routed_experts(x: mx.array, weights: mx.array, indices: mx.array, w1, w2, w3
     if name == "cuda" and moe_prefill.applies(x, indices, w1, w2, w3):
         return moe_prefill.routed_experts(x, weights, indices, w1, w2, w3, limit, fp8_activations)
     fmts = None if name is None else formats(x, weights, indices, w1, w2, w3)
-    if fmts is None:
-        return reference()
-    hidden = gate_up(x, weights, indices, w1, w3, fmts[0], limit)
+    out = None if fmts is None else _two_launches(x, weights, indices, w1, w2, w3, fmts, limit, fp8_activations)
+    return reference() if out is None else out
+
+
+def _two_launches(x, weights, indices, w1, w2, w3, fmts, limit, fp8_activations, shared=None):
+    """gate_up, the hidden rows' FP8 round trip where the model simulates FP8 activations, then down (with the
+    shared expert's rows where `shared` is given); None where a kernel does not run."""
+    hidden = gate_up(x, weights, indices, w1, w3, fmts[0], limit, shared)
     if hidden is None:
-        return reference()
+        return None
     if fp8_activations:
         hidden = layer.fp8_input(hidden, True)
-    out = down(hidden, indices, w2, fmts[1])
-    return reference() if out is None else out
+    return down(hidden, indices, w2, fmts[1], shared)
 
 
 def shared_applies(shared, dim: int, inter: int) -> bool:
@@ -556,9 +560,4 @@ def experts(x: mx.array, weights: mx.array, indices: mx.array, routed, shared, l
     fmts = formats(x, weights, indices, routed.w1, routed.w2, routed.w3)
     if fmts is None or not shared_applies(shared, x.shape[1], routed.w1.weight.shape[1]):
         return None
-    hidden = gate_up(x, weights, indices, routed.w1, routed.w3, fmts[0], limit, shared)
-    if hidden is None:
-        return None
-    if fp8_activations:
-        hidden = layer.fp8_input(hidden, True)
-    return down(hidden, indices, routed.w2, fmts[1], shared)
+    return _two_launches(x, weights, indices, routed.w1, routed.w2, routed.w3, fmts, limit, fp8_activations, shared)
